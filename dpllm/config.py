@@ -1,0 +1,205 @@
+"""Typed, validated run configs loaded from YAML recipes plus ``key=value`` overrides.
+
+Unknown keys, wrong types and impossible values are reported with the dotted key that holds
+them, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # a hub name or a local folder in save_pretrained form
+    dtype: str = "float32"
+    lora_rank: int = 0  # > 0 trains LoRA adapters only
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def validate(self) -> None:
+        _require(bool(self.name_or_path), "model.name_or_path", "is required")
+        _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
+        _require(self.lora_rank >= 0, "model.lora_rank", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    task: str = "e2e"
+    train_file: str = ""
+    eval_file: str = ""
+    max_length: int = 128
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    def validate(self) -> None:
+        _require(self.task in ("e2e",), "data.task", f"unknown task {self.task!r}")
+        _require(bool(self.train_file), "data.train_file", "is required")
+        _require(self.max_length >= 2, "data.max_length", "must be >= 2")
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"data.{key}", "must be > 0")
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float | None = None  # calibrate the noise to this budget...
+    noise_multiplier: float | None = None  # ...or give sigma directly
+    delta: float | None = None  # default 1 / (2 N)
+    max_grad_norm: float = 1.0
+    accountant: str = "pld"
+    secure_mode: bool = False
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        _require(
+            (self.target_epsilon is None) != (self.noise_multiplier is None),
+            "privacy",
+            "set exactly one of target_epsilon and noise_multiplier",
+        )
+        _require(self.target_epsilon is None or self.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
+        _require(
+            self.noise_multiplier is None or self.noise_multiplier > 0,
+            "privacy.noise_multiplier",
+            "must be > 0 with privacy enabled (set privacy.enabled=false to train without privacy)",
+        )
+        _require(self.delta is None or 0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
+        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        _require(self.accountant in ("pld", "rdp"), "privacy.accountant", "must be 'pld' or 'rdp'")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def validate(self) -> None:
+        _require(self.name in ("adamw", "sgd"), "optim.name", "must be 'adamw' or 'sgd'")
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(len(self.betas) == 2, "optim.betas", "must hold two numbers")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 32  # expected logical batch size: sample rate q = batch_size / N
+    micro_batch_size: int = 16  # at most this many examples per forward/backward
+    max_steps: int | None = None
+    epochs: float | None = None
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batch_size: int = 32
+    progress: bool = True
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.privacy, self.optim):
+            section.validate()
+        _require(self.batch_size > 0, "batch_size", "must be > 0")
+        _require(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
+        _require((self.max_steps is None) != (self.epochs is None), "max_steps", "set exactly one of max_steps and epochs")
+        _require(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
+        _require(self.epochs is None or self.epochs > 0, "epochs", "must be > 0")
+        _require(self.log_every > 0, "log_every", "must be > 0")
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _coerce(value, annotation, key: str):
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(annotation, value, key + ".")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``a.b=value`` sets data['a']['b']; values are parsed as YAML scalars (3, 1e-4, true, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    data = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    config = _build(RunConfig, apply_overrides(data, list(overrides)))
+    config.validate()
+    return config
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)

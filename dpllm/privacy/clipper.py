@@ -1,0 +1,231 @@
+"""Per-sample gradient clipping in one backward pass (book-keeping with ghost norms).
+
+Forward hooks keep each supported layer's input and put a tap (an identity autograd node) on
+its output. ``backward`` asks autograd only for the gradients of small dummy tensors attached
+to the taps, so autograd walks the whole graph but never builds the (unclipped) parameter
+gradients. As the gradient of each layer's output reaches its tap, the layer's rule turns it
+into per-sample contributions (ghost factors, or the per-sample gradient itself when that is
+cheaper; the layer's output gradient is then released). Squared norms are added per sample
+(for a parameter used by several layers, such as tied embeddings, the norm of the *sum*,
+cross terms included), giving clip factors ``min(1, C / ||g_i||)``; the clipped sum is then
+formed from the kept tensors and added to ``p.grad``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dpllm.privacy import contributions as C
+from dpllm.privacy.rules import UnsupportedModuleError, find_rule
+
+STRATEGIES = ("auto", "ghost", "direct")
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    input: Tensor | None
+    batch_size: int
+    dummy: Tensor  # the leaf autograd is asked to differentiate
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the output; hands the output gradient to the clipper on its way through."""
+
+    @staticmethod
+    def forward(ctx, output, dummy, clipper, call_index):
+        ctx.clipper, ctx.call_index = clipper, call_index
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.clipper._receive(ctx.call_index, grad)
+        return grad, grad.new_zeros(()), None, None
+
+
+class PerSampleClipper:
+    """Clips per-sample gradients of every trainable parameter of ``model`` to ``max_grad_norm``.
+
+    ``strategy``: "auto" picks ghost norms or direct per-sample gradients per layer (whichever
+    is cheaper), "ghost" and "direct" force one. ``verify_first_backward`` compares, once, the
+    unclipped sum rebuilt from the hooks with autograd's own batch gradient; a mismatch means a
+    parameter is used outside the module that owns it, and raises rather than under-clipping.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_grad_norm: float,
+        strategy: str = "auto",
+        verify_first_backward: bool = True,
+    ) -> None:
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.max_grad_norm = float(max_grad_norm)
+        self.strategy = strategy
+        self._verify = verify_first_backward
+        self._calls: list[_Call] = []
+        self._collected: dict[nn.Parameter, list[C.Contribution]] = {}
+        self._collecting = False
+        self._acc_dtype = torch.float32
+        self._rules = {}
+        self.parameters: list[nn.Parameter] = []
+        self.names: dict[nn.Parameter, str] = {}
+        self._handles = []
+        self.last_dropped = 0
+        self._attach(model)
+
+    def _attach(self, model: nn.Module) -> None:
+        seen: set[int] = set()
+        for module_name, module in model.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            label = module_name or type(model).__name__
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise UnsupportedModuleError(
+                    f"module '{label}' ({type(module).__name__}) mixes samples in a batch; "
+                    "per-sample gradients are undefined. Replace it (e.g. GroupNorm/LayerNorm) or freeze it."
+                )
+            rule = find_rule(module)
+            if rule is None:
+                names = ", ".join(f"{label}.{n}" for n, _ in own)
+                raise UnsupportedModuleError(
+                    f"trainable parameter(s) {names} in module '{label}' ({type(module).__name__}) "
+                    "have no per-sample gradient rule; freeze them or register a rule in dpllm.privacy.rules"
+                )
+            self._rules[module] = rule
+            for n, p in own:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self.parameters.append(p)
+                    self.names[p] = f"{label}.{n}"
+            self._handles.append(module.register_forward_hook(self._record))
+        if not self.parameters:
+            raise ValueError("the model has no trainable parameters")
+
+    def _record(self, module: nn.Module, inputs, output):
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        dummy = torch.zeros((), device=output.device, requires_grad=True)
+        tapped = _Tap.apply(output, dummy, self, len(self._calls))
+        self._calls.append(_Call(module, inputs[0].detach(), output.shape[0], dummy))
+        return tapped
+
+    def _receive(self, index: int, grad: Tensor) -> None:
+        """Called from the backward pass with the gradient of call ``index``'s output."""
+        if not self._collecting:
+            return
+        call = self._calls[index]
+        acc = self._acc_dtype
+        x = call.input.to(acc) if call.input.is_floating_point() else call.input
+        for p, contribution in self._rules[call.module](call.module, x, grad.to(acc)):
+            if isinstance(contribution, C.Outer) and self._direct(contribution):
+                contribution = C.materialize(contribution)
+            self._collected.setdefault(p, []).append(contribution)
+        call.input = None  # contributions keep what they need; the rest can be freed now
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._calls.clear()
+
+    def reset(self) -> None:
+        """Forget recorded calls (e.g. after a forward pass that will not be back-propagated)."""
+        self._calls.clear()
+
+    # -- the backward pass ---------------------------------------------------------------
+
+    def backward(self, per_sample_loss: Tensor) -> Tensor:
+        """Back-propagate ``per_sample_loss`` (shape (B,)) and add the clipped sum to ``p.grad``.
+
+        Returns the pre-clip per-sample gradient norms (B,). Samples with a non-finite loss or
+        gradient are dropped from the sum (their norm is reported as NaN and counted in
+        ``last_dropped``).
+        """
+        calls, self._calls = self._calls, []
+        if per_sample_loss.dim() != 1:
+            raise ValueError(
+                f"per_sample_loss must have shape (batch,), got {tuple(per_sample_loss.shape)}; "
+                "reduce over tokens per sample, not over the batch"
+            )
+        bsz = per_sample_loss.shape[0]
+        if not per_sample_loss.requires_grad:
+            raise ValueError("per_sample_loss does not require grad: was the forward run under no_grad?")
+        for call in calls:
+            if call.batch_size != bsz:
+                raise ValueError(
+                    f"{type(call.module).__name__} output has leading dim {call.batch_size} but the batch "
+                    f"has {bsz} samples: per-sample rules need batch-first layer inputs"
+                )
+        keep = torch.isfinite(per_sample_loss.detach())
+        self._acc_dtype = acc_dtype = torch.promote_types(self.parameters[0].dtype, torch.float32)
+        device = per_sample_loss.device
+        self._calls, self._collected, self._collecting = calls, {}, True
+        try:
+            torch.autograd.grad(
+                per_sample_loss[keep].sum(), [c.dummy for c in calls], allow_unused=True, retain_graph=self._verify
+            )
+        finally:
+            self._collecting = False
+            groups, self._collected, self._calls = self._collected, {}, []
+
+        sq_norms = torch.zeros(bsz, dtype=acc_dtype, device=device)
+        gram_cache: dict = {}
+        for contribs in groups.values():
+            sq_norms += self._squared_norm(contribs, gram_cache)
+        del gram_cache
+        keep &= torch.isfinite(sq_norms)
+        norms = sq_norms.clamp_min(0).sqrt()
+        factors = torch.where(
+            keep, (self.max_grad_norm / norms).clamp(max=1.0).nan_to_num(1.0), torch.zeros_like(norms)
+        )
+        self.last_dropped = int((~keep).sum())
+        if self.last_dropped:
+            groups = {p: [C.zero_samples(c, keep) for c in cs] for p, cs in groups.items()}
+
+        if self._verify and not self.last_dropped:
+            self._verify = False
+            self._check_against_autograd(per_sample_loss[keep].sum(), groups, keep.to(acc_dtype))
+
+        for p, contribs in groups.items():
+            clipped = sum(C.weighted_sum(c, factors) for c in contribs)
+            clipped = clipped.view_as(p).to(p.dtype)
+            p.grad = clipped if p.grad is None else p.grad.add_(clipped)
+        return torch.where(keep, norms, torch.full_like(norms, float("nan")))
+
+    def _direct(self, c: C.Outer) -> bool:
+        if self.strategy == "auto":
+            return c.prefers_direct()
+        return self.strategy == "direct"
+
+    @staticmethod
+    def _squared_norm(contribs: list[C.Contribution], cache: dict) -> Tensor:
+        total = sum(C.inner(c, c, cache) for c in contribs)
+        for a, b in itertools.combinations(contribs, 2):
+            total = total + 2 * C.inner(a, b, cache)
+        return total
+
+    def _check_against_autograd(self, loss: Tensor, groups, ones: Tensor) -> None:
+        params = self.parameters
+        expected = torch.autograd.grad(loss, params, allow_unused=True)
+        rtol = {torch.float64: 1e-6, torch.float32: 1e-3}.get(params[0].dtype, 5e-2)
+        for p, ref in zip(params, expected):
+            ours = sum(C.weighted_sum(c, ones) for c in groups.get(p, []))
+            ours = torch.zeros_like(p, dtype=ones.dtype) if isinstance(ours, int) else ours.view_as(p)
+            ref = torch.zeros_like(ours) if ref is None else ref.to(ours.dtype)
+            scale = ref.norm().clamp_min(torch.finfo(ours.dtype).tiny)
+            if (ours - ref).norm() > rtol * scale + 1e-6:
+                raise UnsupportedModuleError(
+                    f"parameter '{self.names[p]}' receives gradient from outside the modules the clipper "
+                    "hooks (it is used directly in a forward pass, or an input is modified in place); "
+                    "its per-sample gradient cannot be bounded"
+                )

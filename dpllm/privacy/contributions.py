@@ -1,0 +1,140 @@
+"""Per-sample gradient contributions and the algebra the clipper needs on them.
+
+A layer call contributes to a parameter's per-sample gradient in one of two forms:
+
+* ``Outer``: ``sum_t left[b, t] (outer) right[b, t]``, an (m, n) matrix per sample, kept as
+  its factors. ``left`` is dense (B, T, m) or, for embeddings, token ids (B, T) standing for
+  one-hot rows of width ``m``. Norms and inner products come from T x T Gram matrices
+  ("ghost norms"), so the B x m x n per-sample gradients are never built.
+* ``Dense``: the per-sample gradient itself, (B, *param.shape).
+
+Everything here is computed in ``acc_dtype`` (fp32 or fp64) whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Outer:
+    left: Tensor  # (B, T, m) float, or (B, T) int64 ids when ``onehot_dim`` is set
+    right: Tensor  # (B, T, n)
+    onehot_dim: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        m = self.onehot_dim if self.onehot_dim is not None else self.left.shape[-1]
+        return m, self.right.shape[-1]
+
+    @property
+    def length(self) -> int:
+        return self.right.shape[1]
+
+    def prefers_direct(self) -> bool:
+        """Ghost norms cost ~2T^2 per sample, the direct gradient m*n: pick the smaller."""
+        m, n = self.shape
+        return 2 * self.length**2 >= m * n
+
+
+@dataclass
+class Dense:
+    value: Tensor  # (B, *param.shape)
+
+
+Contribution = Outer | Dense
+
+
+def cast(c: Contribution, dtype: torch.dtype) -> Contribution:
+    if isinstance(c, Dense):
+        return Dense(c.value.to(dtype))
+    left = c.left if c.onehot_dim is not None else c.left.to(dtype)
+    return Outer(left, c.right.to(dtype), c.onehot_dim)
+
+
+def zero_samples(c: Contribution, keep: Tensor) -> Contribution:
+    """Zero the rows of dropped samples so their (possibly non-finite) values cannot leak."""
+
+    def mask(x: Tensor) -> Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return torch.where(keep.view(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    if isinstance(c, Dense):
+        return Dense(mask(c.value))
+    left = c.left if c.onehot_dim is not None else mask(c.left)
+    return Outer(left, mask(c.right), c.onehot_dim)
+
+
+def materialize(c: Outer) -> Dense:
+    """The per-sample gradients (B, m, n) of an outer-product contribution."""
+    if c.onehot_dim is None:
+        return Dense(torch.bmm(c.left.transpose(1, 2), c.right))
+    bsz, length = c.left.shape
+    m, n = c.shape
+    flat = torch.zeros(bsz * m, n, dtype=c.right.dtype, device=c.right.device)
+    rows = (c.left + m * torch.arange(bsz, device=c.left.device).unsqueeze(1)).reshape(-1)
+    flat.index_add_(0, rows, c.right.reshape(-1, n))
+    return Dense(flat.view(bsz, m, n))
+
+
+def _left_gram(a: Outer, b: Outer) -> Tensor:
+    """(B, Ta, Tb) inner products between the left factors of ``a`` and ``b``."""
+    if a.onehot_dim is None and b.onehot_dim is None:
+        return torch.bmm(a.left, b.left.transpose(1, 2))
+    if a.onehot_dim is not None and b.onehot_dim is not None:
+        return (a.left.unsqueeze(2) == b.left.unsqueeze(1)).to(a.right.dtype)
+    if a.onehot_dim is not None:
+        return _left_gram(b, a).transpose(1, 2)
+    # a dense (B, Ta, m), b one-hot ids (B, Tb): entry [t, s] = a.left[t, ids_b[s]]
+    index = b.left.unsqueeze(1).expand(-1, a.left.shape[1], -1)
+    return a.left.gather(2, index)
+
+
+def _right_gram(a: Outer, b: Outer, cache: dict | None) -> Tensor:
+    """(B, Ta, Tb) Gram of the right factors; layers fed the same input (q/k/v, gate/up) share it."""
+    x, y = a.right, b.right
+    key = None
+    if cache is not None and x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride():
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        if key in cache:
+            return cache[key]
+    gram = torch.bmm(x, y.transpose(1, 2))
+    if key is not None:
+        cache[key] = gram
+    return gram
+
+
+def inner(a: Contribution, b: Contribution, cache: dict | None = None) -> Tensor:
+    """Per-sample Frobenius inner products <a_i, b_i>, shape (B,).
+
+    ``cache`` (a dict living for one backward pass) lets contributions that share a right
+    factor share its Gram matrix.
+    """
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        return (a.value * b.value).flatten(1).sum(1)
+    if isinstance(a, Outer) and isinstance(b, Outer):
+        return torch.einsum("bts,bts->b", _left_gram(a, b), _right_gram(a, b, cache))
+    outer, dense = (a, b) if isinstance(a, Outer) else (b, a)
+    # <sum_t l_t r_t^T, P> = sum_t l_t^T P r_t
+    if outer.onehot_dim is None:
+        projected = torch.bmm(outer.left, dense.value)  # (B, T, n)
+    else:
+        index = outer.left.unsqueeze(-1).expand(-1, -1, dense.value.shape[-1])
+        projected = dense.value.gather(1, index)  # rows P[ids_t]
+    return (projected * outer.right).sum((1, 2))
+
+
+def weighted_sum(c: Contribution, weights: Tensor) -> Tensor:
+    """sum_i weights[i] * c_i: the clipped sum for one contribution, parameter-shaped."""
+    if isinstance(c, Dense):
+        return torch.tensordot(weights, c.value, dims=1)
+    m, n = c.shape
+    w = weights.view(-1, 1, 1)
+    if c.onehot_dim is not None:
+        out = torch.zeros(m, n, dtype=c.right.dtype, device=c.right.device)
+        return out.index_add_(0, c.left.reshape(-1), (c.right * w).reshape(-1, n))
+    left, right = (c.left * w, c.right) if m <= n else (c.left, c.right * w)  # scale the smaller factor
+    return left.reshape(-1, m).t().mm(right.reshape(-1, n))

@@ -1,0 +1,1 @@
+"""Training: the private step as named stages, and the single training loop."""

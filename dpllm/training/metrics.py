@@ -1,0 +1,50 @@
+"""Run logs: one JSON object per line in metrics.jsonl, and PNG plots a person can look at."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, output_dir: str | Path, enabled: bool = True) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.rows: list[dict] = []
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self, path: str | Path) -> None:
+        """Training and eval loss, and epsilon spent, against steps."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def series(key):
+            pts = [(r["step"], r[key]) for r in self.rows if key in r and r[key] is not None and math.isfinite(r[key])]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
+        fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for key, style in (("loss", "-"), ("eval_loss", "o-")):
+            xs, ys = series(key)
+            if xs:
+                ax_loss.plot(xs, ys, style, label=key, markersize=4)
+        ax_loss.set_xlabel("step")
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend()
+        xs, ys = series("epsilon")
+        ax_eps.plot(xs, ys, color="tab:red")
+        ax_eps.set_xlabel("step")
+        ax_eps.set_ylabel("epsilon spent")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

@@ -1,0 +1,209 @@
+"""The training loop: Poisson-sampled logical batches, micro-batched, through the private step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dpllm.config import RunConfig, to_dict
+from dpllm.lm import collate, forward_per_sample_loss, per_sample_loss
+from dpllm.models import load_model_and_tokenizer, pad_token_id
+from dpllm.privacy.accountant import PrivacyAccountant
+from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from dpllm.privacy.noise import GaussianNoise
+from dpllm.privacy.sampling import PoissonSampler, micro_batches
+from dpllm.tasks import e2e
+from dpllm.training.metrics import MetricsLog
+from dpllm.training.private_step import NonPrivateStep, PrivateStep
+
+log = logging.getLogger("dpllm")
+
+
+@dataclass
+class PrivacyPlan:
+    sample_rate: float
+    steps: int
+    delta: float
+    noise_multiplier: float
+    planned_epsilon: float
+
+
+def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
+    """Sample rate, steps and sigma for the run; errors if the target budget cannot be met."""
+    if config.batch_size > num_examples:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {num_examples} training examples")
+    q = config.batch_size / num_examples
+    steps = config.max_steps if config.max_steps is not None else math.ceil(config.epochs / q)
+    p = config.privacy
+    delta = p.delta if p.delta is not None else 1.0 / (2 * num_examples)
+    if not p.enabled:
+        return PrivacyPlan(q, steps, delta, 0.0, math.inf)
+    if delta >= 1.0 / num_examples:
+        log.warning("privacy.delta=%g is not below 1/N=%g: such a guarantee allows releasing a whole example", delta, 1 / num_examples)
+    sigma = p.noise_multiplier
+    if sigma is None:
+        sigma = calibrate_noise_multiplier(p.target_epsilon, delta, q, steps, p.accountant)
+    eps = compute_epsilon(sigma, q, steps, delta, p.accountant)
+    return PrivacyPlan(q, steps, delta, sigma, eps)
+
+
+def _derived_seed(seed: int, purpose: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{purpose}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def load_task_data(config: RunConfig, tokenizer):
+    """Tokenised train and eval examples, with how many were truncated to max_length."""
+    d = config.data
+    train_rows = e2e.load_e2e(d.train_file, d.max_train_examples)
+    eval_rows = e2e.load_e2e(d.eval_file, d.max_eval_examples) if d.eval_file else []
+    counts = {"truncated_train": 0, "truncated_eval": 0}
+
+    def encode(rows, key):
+        out = []
+        for row in rows:
+            example, truncated = e2e.tokenize(row, tokenizer, d.max_length)
+            counts[key] += truncated
+            out.append(example)
+        return out
+
+    return encode(train_rows, "truncated_train"), encode(eval_rows, "truncated_eval"), counts
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean next-token loss on the examples' target tokens."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        counts = (batch["labels"][:, 1:] != -100).sum(1)
+        total += float((per_sample_loss(logits, batch["labels"]) * counts).sum())
+        tokens += int(counts.sum())
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def _optimizer(config: RunConfig, params):
+    o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def train(config: RunConfig) -> dict:
+    """Fine-tune as ``config`` says; returns the run summary written to output_dir/summary.json."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    model.train()
+    pad_id = pad_token_id(tokenizer)
+    train_data, eval_data, data_counts = load_task_data(config, tokenizer)
+    plan = plan_privacy(config, len(train_data))
+    p = config.privacy
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = _optimizer(config, params)
+    expected_batch = plan.sample_rate * len(train_data)
+    accountant = PrivacyAccountant(plan.delta, p.accountant)
+    if p.enabled:
+        noise = GaussianNoise(
+            plan.noise_multiplier,
+            p.max_grad_norm,
+            seed=None if p.secure_mode else _derived_seed(config.seed, "noise"),
+            secure=p.secure_mode,
+        )
+        stepper = PrivateStep(
+            model,
+            optimizer,
+            max_grad_norm=p.max_grad_norm,
+            noise=noise,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            expected_batch_size=expected_batch,
+            accountant=accountant,
+        )
+    else:
+        stepper = NonPrivateStep(model, optimizer, expected_batch_size=expected_batch)
+    sampler = PoissonSampler(
+        len(train_data),
+        plan.sample_rate,
+        seed=None if p.secure_mode else _derived_seed(config.seed, "sampler"),
+        secure=p.secure_mode,
+    )
+    metrics = MetricsLog(out)
+    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    header = {
+        "step": 0,
+        "num_train_examples": len(train_data),
+        "sample_rate": plan.sample_rate,
+        "planned_steps": plan.steps,
+        "noise_multiplier": plan.noise_multiplier,
+        "delta": plan.delta,
+        "planned_epsilon": plan.planned_epsilon if p.enabled else None,
+        **data_counts,
+    }
+    if eval_data:
+        header["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
+    metrics.log(header)
+    log.info("plan: %s", header)
+
+    bar = tqdm(range(plan.steps), desc="private fine-tune" if p.enabled else "fine-tune", disable=not config.progress)
+    started = time.perf_counter()
+    for step in bar:
+        indices = sampler.sample()
+        losses = []
+        for micro in micro_batches(indices, config.micro_batch_size):
+            batch = collate([train_data[i] for i in micro], pad_id)
+            loss = forward_per_sample_loss(model, batch)
+            stepper.clip_and_accumulate(loss)
+            losses.append(loss.detach())
+        stats = stepper.step()
+        done = step + 1
+        if done % config.log_every == 0 or done == plan.steps:
+            all_losses = torch.cat(losses) if losses else torch.zeros(0)
+            finite = all_losses[torch.isfinite(all_losses)]
+            row = {
+                "step": done,
+                "loss": float(finite.mean()) if finite.numel() else None,
+                "epsilon": accountant.epsilon() if p.enabled else None,
+                "batch_size": len(indices),
+                "elapsed_s": round(time.perf_counter() - started, 3),
+                **stats,
+            }
+            if config.eval_every and done % config.eval_every == 0 and eval_data:
+                row["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
+            metrics.log(row)
+            bar.set_postfix(loss=row["loss"], eps=row["epsilon"])
+    bar.close()
+
+    final_eval = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size) if eval_data else None
+    if final_eval is not None and not (config.eval_every and plan.steps % config.eval_every == 0):
+        metrics.log({"step": plan.steps, "eval_loss": final_eval})
+    final = out / "final"
+    to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    to_save.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    summary = {
+        "steps": plan.steps,
+        "epsilon": accountant.epsilon() if p.enabled else None,
+        "delta": plan.delta,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "accountant": p.accountant,
+        "eval_loss_before": header.get("eval_loss"),
+        "eval_loss_after": final_eval,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics.plot(out / "training.png")
+    return summary

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from dpllm.lm import IGNORE_INDEX
+from dpllm.tasks.e2e import DataError, E2EExample, load_e2e, tokenize
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_loads_embedded_sample():
+    rows = load_e2e(REPO / "assets/data/e2e/train.csv")
+    assert len(rows) == 4000 and rows[0].mr.startswith("name[The Vaults]")
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", r"bad\.csv:1: expected a header"),
+        ("mr,text\na,b\n", r"bad\.csv:1: expected a header with columns 'mr' and 'ref'"),
+        ("mr,ref\n", r"bad\.csv: no examples"),
+        ('mr,ref\n"name[A]",fine\n"name[B]"\n', r"bad\.csv:3: expected 2 fields"),
+        ('mr,ref\n"name[A]",fine\n"name[B]",x,extra\n', r"bad\.csv:3: expected 2 fields"),
+        ('mr,ref\n"name[A]",\n', r"bad\.csv:2: empty ref"),
+    ],
+)
+def test_malformed_files_name_file_and_line(tmp_path, content, match):
+    path = tmp_path / "bad.csv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=match):
+        load_e2e(path)
+
+
+def test_non_utf8_and_missing_file(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("mr,ref\nname[Caf\xe9],x\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        load_e2e(path)
+    with pytest.raises(DataError, match="no such file"):
+        load_e2e(tmp_path / "absent.csv")
+
+
+def test_loss_only_on_target_and_truncation():
+    tok = AutoTokenizer.from_pretrained(REPO / "assets/models/stories260K")
+    ex = E2EExample("name[The Eagle], food[French]", "The Eagle serves French food.")
+    encoded, truncated = tokenize(ex, tok, 1000)
+    prompt_len = len(tok(ex.mr + "\n")["input_ids"])
+    assert not truncated and len(encoded["input_ids"]) == len(encoded["labels"])
+    assert encoded["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert encoded["labels"][prompt_len:] == encoded["input_ids"][prompt_len:]
+    assert encoded["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(encoded["input_ids"][prompt_len:-1]).strip() == ex.ref
+    short, truncated = tokenize(ex, tok, 10)
+    assert truncated and len(short["input_ids"]) == 10

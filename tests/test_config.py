@@ -1,0 +1,61 @@
+import glob
+from pathlib import Path
+
+import pytest
+
+from dpllm.config import ConfigError, RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob(str(REPO / "recipes/**/*.yaml"), recursive=True)))
+def test_every_recipe_validates_and_shows_its_launch_command(recipe):
+    config = load_config(recipe)
+    assert isinstance(config, RunConfig)
+    header = Path(recipe).read_text().split("\n\n")[0]
+    assert "launch/" in header and Path(recipe).relative_to(REPO).as_posix() in header
+
+
+def test_overrides_are_typed():
+    config = load_config(REPO / "recipes/e2e/tiny_cpu.yaml", ["seed=7", "max_steps=3", "output_dir=x", "privacy.max_grad_norm=2"])
+    assert (config.seed, config.max_steps, config.output_dir, config.privacy.max_grad_norm) == (7, 3, "x", 2.0)
+    assert isinstance(config.privacy.max_grad_norm, float)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("sede=1", r"unknown key\(s\) sede"),
+        ("privacy.epsilon=3", r"unknown key\(s\) privacy\.epsilon"),
+        ("seed=abc", "seed: expected int"),
+        ("privacy.enabled=maybe", "privacy.enabled: expected true/false"),
+        ("privacy.max_grad_norm=0", "privacy.max_grad_norm: must be > 0"),
+        ("privacy.noise_multiplier=1.0", "exactly one of target_epsilon and noise_multiplier"),
+        ("privacy.target_epsilon=-1", "privacy.target_epsilon: must be > 0"),
+        ("privacy.delta=1.5", "privacy.delta"),
+        ("privacy.accountant=moments", "privacy.accountant"),
+        ("optim.name=lion", "optim.name"),
+        ("max_steps=0", "max_steps: must be > 0"),
+        ("seed", "not key=value"),
+    ],
+)
+def test_bad_config_names_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(REPO / "recipes/e2e/tiny_cpu.yaml", [override])
+
+
+def test_sigma_zero_with_privacy_on_is_refused():
+    with pytest.raises(ConfigError, match="noise_multiplier: must be > 0"):
+        load_config(REPO / "recipes/e2e/tiny_cpu.yaml", ["privacy.target_epsilon=null", "privacy.noise_multiplier=0"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "ds_configs/*.json"))))
+def test_deepspeed_configs_parse(path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = DeepSpeedConfig(json.loads(Path(path).read_text()), mpu=None)
+    assert config.zero_optimization_stage in (2, 3)
+    assert config.gradient_clipping == 0.0  # clipping is per-sample, done by dpllm, never by DeepSpeed

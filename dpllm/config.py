@@ -14,6 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from dpllm.denoise.gradient import DEFAULT_INCLUDE, LORA_INCLUDE
+from dpllm.denoise.rmt import NORM_CORRECTIONS
+
 
 class ConfigError(ValueError):
     pass
@@ -81,6 +84,33 @@ class PrivacyConfig:
 
 
 @dataclass
+class DenoiseConfig:
+    """RMT denoising of the noisy gradient's projection matrices (post-processing, no privacy cost)."""
+
+    enabled: bool = False
+    kappa: float = 1.02
+    norm_correction: str = "noisy"  # noisy | none | estimate
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))  # fnmatch patterns on parameter names
+    exclude: list[str] = field(default_factory=list)
+    lora: bool = False  # also denoise LoRA A/B matrices
+    every: int = 1  # denoise on every k-th step
+    method: str = "auto"  # full | partial | auto
+    diagnostics: bool = False  # logs cosines to the pre-noise gradient: NOT private, research only
+
+    def validate(self) -> None:
+        _require(self.kappa > 0, "denoise.kappa", "must be > 0")
+        _require(self.norm_correction in NORM_CORRECTIONS, "denoise.norm_correction", f"must be one of {NORM_CORRECTIONS}")
+        _require(self.every >= 1, "denoise.every", "must be >= 1")
+        _require(self.method in ("full", "partial", "auto"), "denoise.method", "must be full, partial or auto")
+
+    def options(self) -> dict:
+        include = list(self.include) + (list(LORA_INCLUDE) if self.lora else [])
+        return dict(
+            include=include, exclude=self.exclude, kappa=self.kappa, norm_correction=self.norm_correction, method=self.method
+        )
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"
     lr: float = 1e-3
@@ -99,6 +129,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 32  # expected logical batch size: sample rate q = batch_size / N
     micro_batch_size: int = 16  # at most this many examples per forward/backward
@@ -112,8 +143,11 @@ class RunConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.privacy, self.optim):
+        for section in (self.model, self.data, self.privacy, self.denoise, self.optim):
             section.validate()
+        _require(
+            not self.denoise.enabled or self.privacy.enabled, "denoise.enabled", "needs privacy.enabled (there is no noise to remove)"
+        )
         _require(self.batch_size > 0, "batch_size", "must be > 0")
         _require(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
         _require((self.max_steps is None) != (self.epochs is None), "max_steps", "set exactly one of max_steps and epochs")

@@ -37,6 +37,9 @@ def test_overrides_are_typed():
         ("optim.name=lion", "optim.name"),
         ("max_steps=0", "max_steps: must be > 0"),
         ("seed", "not key=value"),
+        ("denoise.kappa=0", "denoise.kappa: must be > 0"),
+        ("denoise.norm_correction=max", "denoise.norm_correction"),
+        ("denoise.method=lanczos", "denoise.method"),
     ],
 )
 def test_bad_config_names_the_key(override, match):
@@ -59,3 +62,8 @@ def test_deepspeed_configs_parse(path, monkeypatch):
     config = DeepSpeedConfig(json.loads(Path(path).read_text()), mpu=None)
     assert config.zero_optimization_stage in (2, 3)
     assert config.gradient_clipping == 0.0  # clipping is per-sample, done by dpllm, never by DeepSpeed
+
+
+def test_denoising_needs_privacy():
+    with pytest.raises(ConfigError, match="denoise.enabled"):
+        load_config(REPO / "recipes/e2e/tiny_cpu.yaml", ["denoise.enabled=true", "privacy.enabled=false"])

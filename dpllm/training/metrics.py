@@ -22,16 +22,14 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def series(self, key: str) -> tuple[list, list]:
+        pts = [(r["step"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
     def plot(self, path: str | Path) -> None:
         """Training and eval loss, and epsilon spent, against steps."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        def series(key):
-            pts = [(r["step"], r[key]) for r in self.rows if key in r and r[key] is not None and math.isfinite(r[key])]
-            return [p[0] for p in pts], [p[1] for p in pts]
+        plt = _pyplot()
+        series = self.series
 
         fig, (ax_loss, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
         for key, style in (("loss", "-"), ("eval_loss", "o-")):
@@ -48,3 +46,35 @@ class MetricsLog:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+    def plot_denoising(self, path: str | Path) -> bool:
+        """Fraction of matrices denoised, mean kept rank and (diagnostics only) cosine gain; False if none logged."""
+        panels = [(k, label) for k, label in (
+            ("denoised_fraction", "fraction of matrices denoised"),
+            ("mean_kept_rank", "mean kept rank"),
+            ("cos_gain", "cos gain vs clipped gradient (not private)"),
+        ) if self.series(k)[0]]
+        if not panels:
+            return False
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panels):
+            xs, ys = self.series(key)
+            ax.plot(xs, ys, ".-", markersize=3)
+            if key == "cos_gain":
+                ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return True
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

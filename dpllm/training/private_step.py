@@ -3,6 +3,8 @@
     clip_and_accumulate   per micro-batch: per-sample norms (ghost norms, one backward),
                           clip, sum into p.grad
     add_noise             N(0, (sigma C)^2) per coordinate, once per logical batch
+    denoise               (optional) RMT denoising of the noisy projection matrices, s = sigma C;
+                          post-processing of the private sum, so privacy is unchanged
     average               divide by the expected batch size q N (not the realised size,
                           which would leak it)
     optimizer_step        the wrapped optimizer's step, then zero the gradients
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dpllm.denoise.gradient import GradientDenoiser, cosine
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
 from dpllm.privacy.noise import GaussianNoise
@@ -32,7 +35,12 @@ class PrivateStep:
         expected_batch_size: float,
         accountant: PrivacyAccountant,
         strategy: str = "auto",
+        denoiser_options: dict | None = None,
+        denoise_every: int = 1,
+        diagnostics: bool = False,
     ) -> None:
+        """``denoiser_options`` (GradientDenoiser keywords) turns denoising on, every ``denoise_every``
+        steps. ``diagnostics`` logs cosines to the clipped (pre-noise) gradient: NOT private."""
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0 for a private step, got {noise_multiplier}")
         if not expected_batch_size > 0:
@@ -45,6 +53,12 @@ class PrivateStep:
         self.expected_batch_size = expected_batch_size
         self.accountant = accountant
         self.step_index = 0
+        named = {self.clipper.names[p]: p for p in self.clipper.parameters}
+        self.denoiser = GradientDenoiser(named, **denoiser_options) if denoiser_options is not None else None
+        if denoise_every < 1:
+            raise ValueError(f"denoise_every must be >= 1, got {denoise_every}")
+        self.denoise_every = denoise_every
+        self.diagnostics = diagnostics
         self._reset_stats()
 
     @property
@@ -70,6 +84,11 @@ class PrivateStep:
                 p.grad = torch.zeros_like(p)
             p.grad.add_(self.noise.sample(self.step_index, self.clipper.names[p], p).to(p.dtype))
 
+    def denoise(self) -> dict:
+        if self.denoiser is None or self.step_index % self.denoise_every:
+            return {}
+        return self.denoiser(self.noise.std).as_log()
+
     def average(self) -> None:
         for p in self.parameters:
             p.grad.div_(self.expected_batch_size)
@@ -78,12 +97,35 @@ class PrivateStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _snapshot(self) -> dict[str, Tensor]:
+        return {
+            self.clipper.names[p]: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for p in self.parameters
+        }
+
+    def _cosine_gains(self, clipped: dict[str, Tensor], noisy: dict[str, Tensor]) -> dict:
+        """cos(denoised, clipped) - cos(noisy, clipped), per denoised layer and for the whole gradient."""
+        now = {self.clipper.names[p]: p.grad for p in self.parameters}
+        layers = {
+            name: cosine([now[name]], [clipped[name]]) - cosine([noisy[name]], [clipped[name]])
+            for name in self.denoiser.names
+        }
+        names = list(now)
+        whole = cosine([now[n] for n in names], [clipped[n] for n in names]) - cosine(
+            [noisy[n] for n in names], [clipped[n] for n in names]
+        )
+        return {"cos_gain": whole, "cos_gain_layers": layers}
+
     def accountant_step(self) -> None:
         self.accountant.step(self.noise_multiplier, self.sample_rate)
 
     def step(self) -> dict:
         """Run the stages after the last micro-batch; returns this step's clipping statistics."""
+        clipped = self._snapshot() if self.diagnostics else None
         self.add_noise()
+        noisy = self._snapshot() if self.diagnostics and self.denoiser is not None else None
+        denoise_stats = self.denoise()
+        diagnostics = self._cosine_gains(clipped, noisy) if noisy is not None and denoise_stats else {}
         self.average()
         self.optimizer_step()
         self.accountant_step()
@@ -92,6 +134,8 @@ class PrivateStep:
             "dropped_samples": self._dropped,
             "clipped_fraction": self._clipped / max(self._samples, 1),
             "mean_grad_norm": self._norm_sum / max(self._samples, 1),
+            **denoise_stats,
+            **diagnostics,
         }
         self.step_index += 1
         self._reset_stats()

@@ -131,7 +131,15 @@ def train(config: RunConfig) -> dict:
             sample_rate=plan.sample_rate,
             expected_batch_size=expected_batch,
             accountant=accountant,
+            denoiser_options=config.denoise.options() if config.denoise.enabled else None,
+            denoise_every=config.denoise.every,
+            diagnostics=config.denoise.diagnostics,
         )
+        if config.denoise.diagnostics:
+            log.warning(
+                "denoise.diagnostics is on: metrics.jsonl will hold cosines to the clipped, pre-noise gradient. "
+                "These numbers are NOT differentially private; never publish them or use them to tune a private run."
+            )
     else:
         stepper = NonPrivateStep(model, optimizer, expected_batch_size=expected_batch)
     sampler = PoissonSampler(
@@ -206,4 +214,5 @@ def train(config: RunConfig) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     metrics.plot(out / "training.png")
+    metrics.plot_denoising(out / "denoising.png")
     return summary

@@ -13,7 +13,7 @@ from tests.conftest import tiny_batch, tiny_model
 from tests.privacy.reference import clipped_reference
 
 
-def make_step(model, sigma=0.7, C=0.3, q=0.1, expected=4.0, seed=11, lr=1.0):
+def make_step(model, sigma=0.7, C=0.3, q=0.1, expected=4.0, seed=11, lr=1.0, **options):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     return PrivateStep(
         model,
@@ -24,6 +24,7 @@ def make_step(model, sigma=0.7, C=0.3, q=0.1, expected=4.0, seed=11, lr=1.0):
         sample_rate=q,
         expected_batch_size=expected,
         accountant=PrivacyAccountant(delta=1e-5),
+        **options,
     )
 
 

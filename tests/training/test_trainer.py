@@ -109,3 +109,13 @@ def test_non_private_baseline_run(tmp_path, local_models):
 def test_batch_larger_than_dataset_is_refused(tmp_path, local_models):
     with pytest.raises(ValueError, match="exceeds"):
         run(tmp_path, local_models["llama"], "batch_size=500")
+
+
+def test_denoised_run_logs_denoising_and_spends_the_same_epsilon(tmp_path, local_models):
+    _, plain = run(tmp_path / "plain", local_models["llama"])
+    _, denoised = run(tmp_path / "den", local_models["llama"], "denoise.enabled=true", "denoise.diagnostics=true")
+    assert denoised["epsilon"] == plain["epsilon"]  # post-processing: the same privacy
+    rows = [json.loads(line) for line in (tmp_path / "den/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert all(0 <= r["denoised_fraction"] <= 1 and "cos_gain" in r for r in steps)
+    assert (tmp_path / "den/denoising.png").stat().st_size > 1000

@@ -155,6 +155,7 @@ class RunConfig:
         _require(self.epochs is None or self.epochs > 0, "epochs", "must be > 0")
         _require(self.log_every > 0, "log_every", "must be > 0")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
+        _require(self.eval_every % self.log_every == 0, "eval_every", "must be a multiple of log_every (evaluations are logged rows)")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

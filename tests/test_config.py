@@ -38,6 +38,7 @@ def test_overrides_are_typed():
         ("max_steps=0", "max_steps: must be > 0"),
         ("seed", "not key=value"),
         ("denoise.kappa=0", "denoise.kappa: must be > 0"),
+        ("log_every=7", "eval_every: must be a multiple of log_every"),
         ("denoise.norm_correction=max", "denoise.norm_correction"),
         ("denoise.method=lanczos", "denoise.method"),
     ],

@@ -111,7 +111,11 @@ class PerSampleClipper:
             raise ValueError("the model has no trainable parameters")
 
     def _record(self, module: nn.Module, inputs, output):
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+        if not torch.is_grad_enabled():
+            return None
+        if not isinstance(output, Tensor):
+            raise UnsupportedModuleError(f"{type(module).__name__} returned {type(output).__name__}; rules need a tensor output")
+        if not output.requires_grad:
             return None
         dummy = torch.zeros((), device=output.device, requires_grad=True)
         tapped = _Tap.apply(output, dummy, self, len(self._calls))

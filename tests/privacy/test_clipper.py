@@ -237,3 +237,20 @@ def test_gradients_accumulate_across_micro_batches():
         clipper.backward(forward_per_sample_loss(model, {k: v[half] for k, v in batch.items()}))
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, whole[n], rtol=1e-9, atol=1e-12)
+
+
+def test_bf16_model_norms_and_sums_accumulate_in_fp32():
+    """A bf16 model: norms come back in fp32 and match the fp64 reference to bf16 forward accuracy."""
+    model64 = tiny_model("llama", tied=True, dtype=torch.float64)
+    model16 = tiny_model("llama", tied=True, dtype=torch.bfloat16)
+    model64.load_state_dict({k: v.double() for k, v in model16.state_dict().items()})  # the same (rounded) weights
+    batch = tiny_batch()
+    ref_norms, ref_clipped = clipped_reference(model64, batch, 0.5)
+    norms = PerSampleClipper(model16, max_grad_norm=0.5).backward(forward_per_sample_loss(model16, batch))
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=5e-2, atol=0)
+    named = dict(model16.named_parameters())
+    for name, expected in ref_clipped.items():
+        got = named[name].grad
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - expected).norm() <= 0.1 * expected.norm() + 1e-6, name

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +47,11 @@ class PrivateStep:
             raise ValueError(f"noise_multiplier must be > 0 for a private step, got {noise_multiplier}")
         if not expected_batch_size > 0:
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        if not math.isclose(noise.std, noise_multiplier * max_grad_norm, rel_tol=1e-12):
+            raise ValueError(
+                f"the noise's std {noise.std} is not noise_multiplier * max_grad_norm = "
+                f"{noise_multiplier * max_grad_norm}: the accountant would report a privacy the run does not have"
+            )
         self.clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy)
         self.optimizer = optimizer
         self.noise = noise

@@ -117,3 +117,19 @@ def test_nan_sample_is_dropped_and_step_still_accounted():
 def test_private_step_requires_noise():
     with pytest.raises(ValueError, match="noise_multiplier"):
         make_step(tiny_model("llama"), sigma=0.0)
+
+
+def test_noise_that_disagrees_with_the_accounted_sigma_is_refused():
+    model = tiny_model("llama")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(ValueError, match="accountant would report"):
+        PrivateStep(
+            model,
+            opt,
+            max_grad_norm=1.0,
+            noise=GaussianNoise(0.5, 1.0, seed=0),
+            noise_multiplier=1.0,
+            sample_rate=0.1,
+            expected_batch_size=4.0,
+            accountant=PrivacyAccountant(delta=1e-5),
+        )

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -202,7 +200,6 @@ def main() -> None:
     size = SIZES[args.size]
     seeds = args.seeds or size.seeds
     args.out.mkdir(parents=True, exist_ok=True)
-    random.seed(0)
     started = time.perf_counter()
     print(f"[{args.size}] pretraining a {size.layers}-layer Llama, hidden {size.hidden}, on DART text", flush=True)
     model_dir = pretrain(size, args.out, args.dart)

@@ -20,7 +20,6 @@ memory (VmHWM) above what it held before the model was built.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time

@@ -1,6 +1,5 @@
 """nn.Embedding: row ids[t] of dW_i receives g_t; positions holding ``padding_idx`` receive nothing."""
 
-import torch
 from torch import nn
 
 from dpllm.privacy.contributions import Outer

@@ -254,3 +254,24 @@ def test_bf16_model_norms_and_sums_accumulate_in_fp32():
         got = named[name].grad
         assert got.dtype == torch.bfloat16
         assert (got.double() - expected).norm() <= 0.1 * expected.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_other_families_rms_norms_recognised_and_exact(family):
+    """Qwen3 adds per-head q/k RMSNorms over (B, T, H, d): a rule with extra leading dims."""
+    import transformers
+
+    cfg_cls = {"qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family]
+    model_cls = {"qwen3": transformers.Qwen3ForCausalLM, "mistral": transformers.MistralForCausalLM}[family]
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0)
+    model = model_cls(cfg).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    norm_classes = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
+    assert norm_classes == {f"{family.capitalize()}RMSNorm"}
+    batch = tiny_batch()
+    assert_matches(model, batch, _median_norm(model, batch), torch.float64)

@@ -200,7 +200,8 @@ class PerSampleClipper:
             self._verify = False
             self._check_against_autograd(per_sample_loss[keep].sum(), groups, keep.to(acc_dtype))
 
-        for p, contribs in groups.items():
+        while groups:  # popping frees each layer's kept tensors as soon as its sum is formed
+            p, contribs = groups.popitem()
             clipped = sum(C.weighted_sum(c, factors) for c in contribs)
             clipped = clipped.view_as(p).to(p.dtype)
             p.grad = clipped if p.grad is None else p.grad.add_(clipped)

@@ -194,8 +194,10 @@ def train(config: RunConfig) -> dict:
             bar.set_postfix(loss=row["loss"], eps=row["epsilon"])
     bar.close()
 
-    final_eval = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size) if eval_data else None
-    if final_eval is not None and not (config.eval_every and plan.steps % config.eval_every == 0):
+    last = metrics.rows[-1]
+    final_eval = last.get("eval_loss") if last["step"] == plan.steps else None
+    if final_eval is None and eval_data:
+        final_eval = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
         metrics.log({"step": plan.steps, "eval_loss": final_eval})
     final = out / "final"
     to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

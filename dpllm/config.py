@@ -16,6 +16,7 @@ import yaml
 
 from dpllm.denoise.gradient import DEFAULT_INCLUDE, LORA_INCLUDE
 from dpllm.denoise.rmt import NORM_CORRECTIONS
+from dpllm.tasks import TASKS
 
 
 class ConfigError(ValueError):
@@ -38,20 +39,41 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "e2e"
-    train_file: str = ""
+    task: str = "e2e"  # e2e | dart
+    train_file: str = ""  # an official file, a folder holding the official files, or a hub name
     eval_file: str = ""
-    max_length: int = 128
+    train_split: str = "train"  # used for folders and hub names
+    eval_split: str = "validation"
+    max_length: int = 128  # prompt + target tokens; longer examples are truncated and counted
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
 
     def validate(self) -> None:
-        _require(self.task in ("e2e",), "data.task", f"unknown task {self.task!r}")
+        _require(self.task in TASKS, "data.task", f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}")
         _require(bool(self.train_file), "data.train_file", "is required")
         _require(self.max_length >= 2, "data.max_length", "must be >= 2")
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"data.{key}", "must be > 0")
+
+
+@dataclass
+class GenerationConfig:
+    """Generation and scoring (BLEU, ROUGE-L, ...) on the eval set's unique inputs."""
+
+    every: int = 0  # also every k steps during training (0: only at the end)
+    at_end: bool = True
+    num_beams: int = 5  # 1 is greedy
+    max_new_tokens: int = 100
+    batch_size: int = 16
+    max_inputs: int | None = None  # score only the first k unique inputs
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "generation.every", "must be >= 0")
+        _require(self.num_beams >= 1, "generation.num_beams", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be >= 1")
+        _require(self.batch_size >= 1, "generation.batch_size", "must be >= 1")
+        _require(self.max_inputs is None or self.max_inputs > 0, "generation.max_inputs", "must be > 0")
 
 
 @dataclass
@@ -131,6 +153,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     batch_size: int = 32  # expected logical batch size: sample rate q = batch_size / N
     micro_batch_size: int = 16  # at most this many examples per forward/backward
     max_steps: int | None = None
@@ -143,7 +166,7 @@ class RunConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.privacy, self.denoise, self.optim):
+        for section in (self.model, self.data, self.privacy, self.denoise, self.optim, self.generation):
             section.validate()
         _require(
             not self.denoise.enabled or self.privacy.enabled, "denoise.enabled", "needs privacy.enabled (there is no noise to remove)"
@@ -156,6 +179,9 @@ class RunConfig:
         _require(self.log_every > 0, "log_every", "must be > 0")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
         _require(self.eval_every % self.log_every == 0, "eval_every", "must be a multiple of log_every (evaluations are logged rows)")
+        _require(
+            self.generation.every % self.log_every == 0, "generation.every", "must be a multiple of log_every (scores are logged rows)"
+        )
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -1,4 +1,4 @@
-"""Private fine-tuning on E2E.
+"""Private fine-tuning on E2E or DART (the recipe's ``data.task``), then generation and scores.
 
     python launch/e2e.py --recipe recipes/e2e/tiny_cpu.yaml [key=value ...]
 
@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpllm.config import ConfigError, load_config  # noqa: E402
 from dpllm.training.trainer import train  # noqa: E402
+from dpllm.tasks.metrics import format_scores  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in rows:
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"{name:<20} {shown}")
-    print(f"\nmodel, metrics.jsonl and training.png in {config.output_dir}")
+    if summary.get("scores"):
+        print(f"\n{config.data.task.upper()} scores on {config.data.eval_file} (step {summary['steps']}):")
+        print(format_scores(summary["scores"]))
+    print(f"\nmodel, metrics.jsonl, training.png and results.json in {config.output_dir}")
     return 0
 
 

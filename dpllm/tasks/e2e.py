@@ -1,31 +1,32 @@
 """E2E NLG: restaurant meaning representations -> one-sentence descriptions.
 
-The official CSV has two columns, ``mr`` (e.g. ``name[The Eagle], food[French]``) and ``ref``.
-A training example is the MR as prompt and the reference as target; loss is on target tokens.
+The official CSVs have two columns, ``mr`` (e.g. ``name[The Eagle], food[French]``) and ``ref``;
+the input is the MR as written. Hub copies (``e2e_nlg``) name them ``meaning_representation`` and
+``human_reference``.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
-from dpllm.lm import IGNORE_INDEX
+from dpllm.tasks.data2text import DataError, Example
 
-PROMPT_SUFFIX = "\n"
-
-
-class DataError(ValueError):
-    pass
+OFFICIAL_FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
+HUB_COLUMNS = ("meaning_representation", "human_reference")
 
 
-@dataclass
-class E2EExample:
-    mr: str
-    ref: str
+def load(source: str | Path, split: str = "train", max_examples: int | None = None) -> list[Example]:
+    """Examples from an official CSV file, a folder holding the official files, or a hub dataset name."""
+    path = Path(source)
+    if path.is_dir() and (path / OFFICIAL_FILES.get(split, "")).is_file():
+        path = path / OFFICIAL_FILES[split]
+    if path.is_file() or path.suffix == ".csv":
+        return load_csv(path, max_examples)
+    return _load_hub(str(source), split, max_examples)
 
 
-def load_e2e(path: str | Path, max_examples: int | None = None) -> list[E2EExample]:
+def load_csv(path: str | Path, max_examples: int | None = None) -> list[Example]:
     """Rows of an official E2E CSV; a missing column, a malformed row or no rows is an error."""
     path = Path(path)
     try:
@@ -45,7 +46,7 @@ def load_e2e(path: str | Path, max_examples: int | None = None) -> list[E2EExamp
                 mr, ref = row["mr"].strip(), row["ref"].strip()
                 if not mr or not ref:
                     raise DataError(f"{path}:{line}: empty {'mr' if not mr else 'ref'}")
-                examples.append(E2EExample(mr, ref))
+                examples.append(Example(mr, ref))
                 if max_examples is not None and len(examples) >= max_examples:
                     break
         except UnicodeDecodeError as e:
@@ -55,16 +56,21 @@ def load_e2e(path: str | Path, max_examples: int | None = None) -> list[E2EExamp
     return examples
 
 
-def prompt(example: E2EExample) -> str:
-    return example.mr + PROMPT_SUFFIX
+def _load_hub(name: str, split: str, max_examples: int | None) -> list[Example]:
+    import datasets
 
-
-def tokenize(example: E2EExample, tokenizer, max_length: int) -> tuple[dict, bool]:
-    """input_ids/labels with the prompt masked; returns (example, whether it was truncated)."""
-    prompt_ids = tokenizer(prompt(example), add_special_tokens=True)["input_ids"]
-    target_ids = tokenizer(" " + example.ref, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        target_ids = target_ids + [tokenizer.eos_token_id]
-    ids = (prompt_ids + target_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels}, len(prompt_ids) + len(target_ids) > max_length
+    rows = datasets.load_dataset(name, split=split)
+    missing = [c for c in HUB_COLUMNS if c not in rows.column_names]
+    if missing:
+        raise DataError(f"{name} ({split}): expected columns {HUB_COLUMNS}, missing {missing}")
+    examples = []
+    for i, row in enumerate(rows):
+        mr, ref = (row[c].strip() if isinstance(row[c], str) else "" for c in HUB_COLUMNS)
+        if not mr or not ref:
+            raise DataError(f"{name} ({split}) row {i}: empty {'meaning_representation' if not mr else 'human_reference'}")
+        examples.append(Example(mr, ref))
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+    if not examples:
+        raise DataError(f"{name} ({split}): no examples")
+    return examples

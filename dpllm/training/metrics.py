@@ -71,6 +71,25 @@ class MetricsLog:
         return True
 
 
+    def plot_scores(self, path: str | Path) -> bool:
+        """Each generation metric (BLEU, ROUGE-L, ...) against steps; False if none was logged."""
+        rows = [r for r in self.rows if isinstance(r.get("scores"), dict)]
+        if not rows:
+            return False
+        names = sorted({k for r in rows for k in r["scores"]})
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            pts = [(r["step"], r["scores"][name]) for r in rows if r["scores"].get(name) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", markersize=4)
+            ax.set_xlabel("step")
+            ax.set_title(name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return True
+
+
 def _pyplot():
     import matplotlib
 

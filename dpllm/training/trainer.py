@@ -14,13 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from dpllm.config import RunConfig, to_dict
-from dpllm.lm import collate, forward_per_sample_loss, per_sample_loss
+from dpllm.lm import collate, forward_per_sample_loss
 from dpllm.models import load_model_and_tokenizer, pad_token_id
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches
-from dpllm.tasks import e2e
+from dpllm.tasks import get_task
+from dpllm.tasks.data2text import tokenize
+from dpllm.training.evaluation import GenerationEval, evaluate_loss, write_results
 from dpllm.training.metrics import MetricsLog
 from dpllm.training.private_step import NonPrivateStep, PrivateStep
 
@@ -60,37 +62,22 @@ def _derived_seed(seed: int, purpose: str) -> int:
 
 
 def load_task_data(config: RunConfig, tokenizer):
-    """Tokenised train and eval examples, with how many were truncated to max_length."""
+    """Eval rows (for generation), tokenised train and eval examples, and how many were truncated."""
     d = config.data
-    train_rows = e2e.load_e2e(d.train_file, d.max_train_examples)
-    eval_rows = e2e.load_e2e(d.eval_file, d.max_eval_examples) if d.eval_file else []
+    task = get_task(d.task)
+    train_rows = task.load(d.train_file, d.train_split, d.max_train_examples)
+    eval_rows = task.load(d.eval_file, d.eval_split, d.max_eval_examples) if d.eval_file else []
     counts = {"truncated_train": 0, "truncated_eval": 0}
 
     def encode(rows, key):
         out = []
         for row in rows:
-            example, truncated = e2e.tokenize(row, tokenizer, d.max_length)
+            example, truncated = tokenize(row, tokenizer, d.max_length)
             counts[key] += truncated
             out.append(example)
         return out
 
-    return encode(train_rows, "truncated_train"), encode(eval_rows, "truncated_eval"), counts
-
-
-@torch.no_grad()
-def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> float:
-    """Token-weighted mean next-token loss on the examples' target tokens."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        counts = (batch["labels"][:, 1:] != -100).sum(1)
-        total += float((per_sample_loss(logits, batch["labels"]) * counts).sum())
-        tokens += int(counts.sum())
-    model.train(was_training)
-    return total / max(tokens, 1)
+    return eval_rows, encode(train_rows, "truncated_train"), encode(eval_rows, "truncated_eval"), counts
 
 
 def _optimizer(config: RunConfig, params):
@@ -108,7 +95,9 @@ def train(config: RunConfig) -> dict:
     model, tokenizer = load_model_and_tokenizer(config.model)
     model.train()
     pad_id = pad_token_id(tokenizer)
-    train_data, eval_data, data_counts = load_task_data(config, tokenizer)
+    eval_rows, train_data, eval_data, data_counts = load_task_data(config, tokenizer)
+    gen = config.generation
+    scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out) if eval_rows else None
     plan = plan_privacy(config, len(train_data))
     p = config.privacy
     params = [q for q in model.parameters() if q.requires_grad]
@@ -190,6 +179,8 @@ def train(config: RunConfig) -> dict:
             }
             if config.eval_every and done % config.eval_every == 0 and eval_data:
                 row["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
+            if scorer and gen.every and done % gen.every == 0:
+                row["scores"] = scorer(model, tokenizer, done)
             metrics.log(row)
             bar.set_postfix(loss=row["loss"], eps=row["epsilon"])
     bar.close()
@@ -199,6 +190,10 @@ def train(config: RunConfig) -> dict:
     if final_eval is None and eval_data:
         final_eval = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
         metrics.log({"step": plan.steps, "eval_loss": final_eval})
+    final_scores = last.get("scores") if last["step"] == plan.steps else None
+    if final_scores is None and scorer and gen.at_end:
+        final_scores = scorer(model, tokenizer, plan.steps, progress=config.progress)
+        metrics.log({"step": plan.steps, "scores": final_scores})
     final = out / "final"
     to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     to_save.save_pretrained(final)
@@ -212,9 +207,13 @@ def train(config: RunConfig) -> dict:
         "accountant": p.accountant,
         "eval_loss_before": header.get("eval_loss"),
         "eval_loss_after": final_eval,
+        "scores": final_scores,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     metrics.plot(out / "training.png")
     metrics.plot_denoising(out / "denoising.png")
+    if final_scores is not None:
+        write_results(out / "results.json", final_scores, task=config.data.task, step=plan.steps, epsilon=summary["epsilon"])
+        metrics.plot_scores(out / "scores.png")
     return summary

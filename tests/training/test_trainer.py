@@ -49,6 +49,7 @@ def run(tmp_path, model_path, *extra):
         "max_steps=4",
         "eval_every=0",
         "progress=false",
+        "generation.at_end=false",
         f"output_dir={tmp_path}",
         *extra,
     ]
@@ -84,6 +85,24 @@ def test_same_seed_same_result_other_seed_differs(tmp_path, local_models):
     a, b, c = final_params("a", 1), final_params("b", 1), final_params("c", 2)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.slow
+def test_generation_scores_during_and_after_training(tmp_path, local_models):
+    gen = ["generation.every=2", "generation.max_inputs=4", "generation.num_beams=2", "generation.max_new_tokens=8"]
+    _, summary = run(tmp_path, local_models["llama"], "generation.at_end=true", *gen)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in rows if "scores" in r]
+    assert [r["step"] for r in scored] == [2, 4]  # the last step's scores are reused, not recomputed
+    assert summary["scores"] == scored[-1]["scores"]
+    assert set(summary["scores"]) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["scores"] == summary["scores"] and results["epsilon"] == summary["epsilon"]
+    for step in (2, 4):
+        assert len((tmp_path / f"predictions_step{step}.txt").read_text().splitlines()) == 4
+    references = (tmp_path / "references.txt").read_text().split("\n\n")
+    assert len(references) == 4 and len((tmp_path / "inputs.txt").read_text().splitlines()) == 4
+    assert (tmp_path / "scores.png").stat().st_size > 1000
 
 
 def test_training_reduces_eval_loss_on_real_pretrained_model(tmp_path):

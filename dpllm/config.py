@@ -19,6 +19,9 @@ from dpllm.denoise.rmt import NORM_CORRECTIONS
 from dpllm.tasks import TASKS
 
 
+ENGINES = ("single", "ddp", "deepspeed")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -154,6 +157,8 @@ class RunConfig:
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    engine: str = "single"  # single | ddp (torchrun, replicated parameters) | deepspeed (ZeRO-1/2)
+    deepspeed_config: str = ""  # a DeepSpeed JSON config (launch/e2e.py --config sets it)
     batch_size: int = 32  # expected logical batch size: sample rate q = batch_size / N
     micro_batch_size: int = 16  # at most this many examples per forward/backward
     max_steps: int | None = None
@@ -170,6 +175,12 @@ class RunConfig:
             section.validate()
         _require(
             not self.denoise.enabled or self.privacy.enabled, "denoise.enabled", "needs privacy.enabled (there is no noise to remove)"
+        )
+        _require(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
+        _require(
+            (self.engine == "deepspeed") == bool(self.deepspeed_config),
+            "deepspeed_config",
+            "is set exactly when engine is deepspeed (launch with --config ds_configs/zero2.json)",
         )
         _require(self.batch_size > 0, "batch_size", "must be > 0")
         _require(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")

@@ -1,6 +1,10 @@
 """Private fine-tuning on E2E or DART (the recipe's ``data.task``), then generation and scores.
 
     python launch/e2e.py --recipe recipes/e2e/tiny_cpu.yaml [key=value ...]
+    deepspeed --num_gpus 2 launch/e2e.py --config ds_configs/zero2.json --recipe R [key=value ...]
+    torchrun --nproc_per_node 2 launch/e2e.py --engine ddp --recipe R [key=value ...]
+
+On CPUs set DS_ACCELERATOR=cpu for DeepSpeed; processes talk over gloo there, NCCL on GPUs.
 
 Overrides use dotted keys for sections (``privacy.target_epsilon=3``) and plain keys for
 top-level ones (``seed=1 max_steps=10 output_dir=outputs/try``).
@@ -23,14 +27,23 @@ from dpllm.tasks.metrics import format_scores  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML recipe")
+    parser.add_argument("--config", help="DeepSpeed JSON config (selects the deepspeed engine)")
+    parser.add_argument("--engine", choices=["single", "ddp", "deepspeed"], help="default: deepspeed with --config, else single")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher; unused")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
+    engine = args.engine or ("deepspeed" if args.config else "single")
+    if args.config and engine != "deepspeed":
+        parser.error("--config is a DeepSpeed config: it needs --engine deepspeed")
+    args.overrides = [f"engine={engine}"] + ([f"deepspeed_config={args.config}"] if args.config else []) + args.overrides
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.recipe, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         parser.error(str(e))
     summary = train(config)
+    if "eval_loss_after" not in summary:  # not rank 0
+        return 0
     rows = [
         ("steps", summary["steps"]),
         ("epsilon (spent)", summary["epsilon"]),

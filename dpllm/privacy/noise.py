@@ -32,6 +32,10 @@ class GaussianNoise:
         self.secure = secure
         self._seed = int.from_bytes(os.urandom(8), "little") if secure else int(seed)
 
+    def share_seed(self, broadcast) -> None:
+        """Make every rank use rank 0's seed; ``broadcast(value) -> rank 0's value``. The seed is never logged."""
+        self._seed = int(broadcast(self._seed))
+
     def generator(self, step: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
         digest = hashlib.blake2b(f"{self._seed}:{step}:{name}".encode(), digest_size=8).digest()
         return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))

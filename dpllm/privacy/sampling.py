@@ -33,6 +33,10 @@ class PoissonSampler:
         draws = torch.rand(self.num_examples, generator=self.generator)
         return torch.nonzero(draws < self.sample_rate).flatten().tolist()
 
+    def share_seed(self, broadcast) -> None:
+        """Make every rank draw rank 0's samples: the union of the ranks' shares is one Poisson sample."""
+        self.generator.manual_seed(int(broadcast(int(self.generator.initial_seed()))))
+
     def state_dict(self) -> dict:
         if self.secure:
             raise RuntimeError("secure-mode sampler state is never saved")
@@ -40,6 +44,11 @@ class PoissonSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def rank_share(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's part of a logical batch (every world_size-th index)."""
+    return indices[rank::world_size]
 
 
 def micro_batches(indices: list[int], max_micro_batch: int) -> list[list[int]]:

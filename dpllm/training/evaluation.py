@@ -19,9 +19,10 @@ def evaluate_loss(model, examples: list[dict], pad_id: int, batch_size: int) -> 
     """Token-weighted mean next-token loss on the examples' target tokens."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
         total += float((per_sample_loss(logits, batch["labels"]) * counts).sum())

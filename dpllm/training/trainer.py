@@ -14,12 +14,13 @@ import torch
 from tqdm.auto import tqdm
 
 from dpllm.config import RunConfig, to_dict
+from dpllm.distributed import ShardedPrivateStep, init_distributed
 from dpllm.lm import collate, forward_per_sample_loss
 from dpllm.models import load_model_and_tokenizer, pad_token_id
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from dpllm.privacy.noise import GaussianNoise
-from dpllm.privacy.sampling import PoissonSampler, micro_batches
+from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
 from dpllm.tasks import get_task
 from dpllm.tasks.data2text import tokenize
 from dpllm.training.evaluation import GenerationEval, evaluate_loss, write_results
@@ -92,16 +93,22 @@ def train(config: RunConfig) -> dict:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    env = init_distributed(config.engine)
+    if config.engine == "single" and env.distributed:
+        raise ValueError(f"{env.world_size} processes were launched but engine is 'single'; pick ddp or deepspeed")
+    device = env.device()
     model, tokenizer = load_model_and_tokenizer(config.model)
-    model.train()
+    model.to(device).train()
     pad_id = pad_token_id(tokenizer)
     eval_rows, train_data, eval_data, data_counts = load_task_data(config, tokenizer)
     gen = config.generation
-    scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out) if eval_rows else None
+    scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out) if eval_rows and env.is_main else None
     plan = plan_privacy(config, len(train_data))
     p = config.privacy
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = _optimizer(config, params)
+    if config.engine == "deepspeed":
+        optimizer = _deepspeed_optimizer(config, model, optimizer)
     expected_batch = plan.sample_rate * len(train_data)
     accountant = PrivacyAccountant(plan.delta, p.accountant)
     if p.enabled:
@@ -111,9 +118,8 @@ def train(config: RunConfig) -> dict:
             seed=None if p.secure_mode else _derived_seed(config.seed, "noise"),
             secure=p.secure_mode,
         )
-        stepper = PrivateStep(
-            model,
-            optimizer,
+        noise.share_seed(env.broadcast_int)
+        common = dict(
             max_grad_norm=p.max_grad_norm,
             noise=noise,
             noise_multiplier=plan.noise_multiplier,
@@ -124,11 +130,18 @@ def train(config: RunConfig) -> dict:
             denoise_every=config.denoise.every,
             diagnostics=config.denoise.diagnostics,
         )
+        if config.engine == "single":
+            stepper = PrivateStep(model, optimizer, **common)
+        else:
+            handover = "deepspeed" if config.engine == "deepspeed" else "replicated"
+            stepper = ShardedPrivateStep(model, optimizer, env=env, handover=handover, **common)
         if config.denoise.diagnostics:
             log.warning(
                 "denoise.diagnostics is on: metrics.jsonl will hold cosines to the clipped, pre-noise gradient. "
                 "These numbers are NOT differentially private; never publish them or use them to tune a private run."
             )
+    elif config.engine != "single":
+        raise ValueError("privacy.enabled=false (the non-private baseline) runs with engine 'single' only")
     else:
         stepper = NonPrivateStep(model, optimizer, expected_batch_size=expected_batch)
     sampler = PoissonSampler(
@@ -137,8 +150,10 @@ def train(config: RunConfig) -> dict:
         seed=None if p.secure_mode else _derived_seed(config.seed, "sampler"),
         secure=p.secure_mode,
     )
-    metrics = MetricsLog(out)
-    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    sampler.share_seed(env.broadcast_int)
+    metrics = MetricsLog(out, enabled=env.is_main)
+    if env.is_main:
+        (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     header = {
         "step": 0,
         "num_train_examples": len(train_data),
@@ -149,35 +164,37 @@ def train(config: RunConfig) -> dict:
         "planned_epsilon": plan.planned_epsilon if p.enabled else None,
         **data_counts,
     }
-    if eval_data:
+    if eval_data and env.is_main:
         header["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
     metrics.log(header)
     log.info("plan: %s", header)
 
-    bar = tqdm(range(plan.steps), desc="private fine-tune" if p.enabled else "fine-tune", disable=not config.progress)
+    desc = "private fine-tune" if p.enabled else "fine-tune"
+    bar = tqdm(range(plan.steps), desc=desc, disable=not (config.progress and env.is_main))
     started = time.perf_counter()
     for step in bar:
         indices = sampler.sample()
         losses = []
-        for micro in micro_batches(indices, config.micro_batch_size):
-            batch = collate([train_data[i] for i in micro], pad_id)
+        for micro in micro_batches(rank_share(indices, env.rank, env.world_size), config.micro_batch_size):
+            batch = {k: v.to(device) for k, v in collate([train_data[i] for i in micro], pad_id).items()}
             loss = forward_per_sample_loss(model, batch)
             stepper.clip_and_accumulate(loss)
             losses.append(loss.detach())
         stats = stepper.step()
         done = step + 1
         if done % config.log_every == 0 or done == plan.steps:
-            all_losses = torch.cat(losses) if losses else torch.zeros(0)
+            all_losses = torch.cat(losses).cpu() if losses else torch.zeros(0)
             finite = all_losses[torch.isfinite(all_losses)]
+            loss_sum, loss_count = env.sum_floats([float(finite.sum()), finite.numel()])
             row = {
                 "step": done,
-                "loss": float(finite.mean()) if finite.numel() else None,
+                "loss": loss_sum / loss_count if loss_count else None,
                 "epsilon": accountant.epsilon() if p.enabled else None,
                 "batch_size": len(indices),
                 "elapsed_s": round(time.perf_counter() - started, 3),
                 **stats,
             }
-            if config.eval_every and done % config.eval_every == 0 and eval_data:
+            if config.eval_every and done % config.eval_every == 0 and eval_data and env.is_main:
                 row["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
             if scorer and gen.every and done % gen.every == 0:
                 row["scores"] = scorer(model, tokenizer, done)
@@ -185,19 +202,6 @@ def train(config: RunConfig) -> dict:
             bar.set_postfix(loss=row["loss"], eps=row["epsilon"])
     bar.close()
 
-    last = metrics.rows[-1]
-    final_eval = last.get("eval_loss") if last["step"] == plan.steps else None
-    if final_eval is None and eval_data:
-        final_eval = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
-        metrics.log({"step": plan.steps, "eval_loss": final_eval})
-    final_scores = last.get("scores") if last["step"] == plan.steps else None
-    if final_scores is None and scorer and gen.at_end:
-        final_scores = scorer(model, tokenizer, plan.steps, progress=config.progress)
-        metrics.log({"step": plan.steps, "scores": final_scores})
-    final = out / "final"
-    to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    to_save.save_pretrained(final)
-    tokenizer.save_pretrained(final)
     summary = {
         "steps": plan.steps,
         "epsilon": accountant.epsilon() if p.enabled else None,
@@ -205,15 +209,55 @@ def train(config: RunConfig) -> dict:
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "accountant": p.accountant,
-        "eval_loss_before": header.get("eval_loss"),
-        "eval_loss_after": final_eval,
-        "scores": final_scores,
+        "world_size": env.world_size,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if env.is_main:  # parameters are replicated after every step: rank 0 evaluates and saves
+        summary.update(_finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer, plan.steps))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if summary["scores"] is not None:
+            write_results(out / "results.json", summary["scores"], task=config.data.task, step=plan.steps, epsilon=summary["epsilon"])
+    env.barrier()
+    return summary
+
+
+def _finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer, steps: int) -> dict:
+    """Final eval loss and scores (reusing the last step's when it just ran them), model, plots."""
+    out = Path(config.output_dir)
+    last = metrics.rows[-1]
+    final_eval = last.get("eval_loss") if last["step"] == steps else None
+    if final_eval is None and eval_data:
+        final_eval = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
+        metrics.log({"step": steps, "eval_loss": final_eval})
+    final_scores = last.get("scores") if last["step"] == steps else None
+    if final_scores is None and scorer and config.generation.at_end:
+        final_scores = scorer(model, tokenizer, steps, progress=config.progress)
+        metrics.log({"step": steps, "scores": final_scores})
+    to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    to_save.save_pretrained(out / "final")
+    tokenizer.save_pretrained(out / "final")
     metrics.plot(out / "training.png")
     metrics.plot_denoising(out / "denoising.png")
     if final_scores is not None:
-        write_results(out / "results.json", final_scores, task=config.data.task, step=plan.steps, epsilon=summary["epsilon"])
         metrics.plot_scores(out / "scores.png")
-    return summary
+    return {"eval_loss_before": header.get("eval_loss"), "eval_loss_after": final_eval, "scores": final_scores}
+
+
+def _deepspeed_optimizer(config: RunConfig, model, optimizer):
+    """Wrap the optimizer in DeepSpeed's ZeRO optimizer; the private step drives it directly."""
+    import deepspeed
+
+    with open(config.deepspeed_config, encoding="utf-8") as f:
+        ds = json.load(f)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        raise ValueError(
+            f"{config.deepspeed_config}: ZeRO stage {stage} is not supported; use stage 1 or 2 "
+            "(stage 3 partitions the parameters inside its own module hooks, which the exact per-sample step does not follow)"
+        )
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"] = config.micro_batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds.setdefault("zero_optimization", {})["overlap_comm"] = False
+    _, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return ds_optimizer

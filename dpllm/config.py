@@ -19,7 +19,7 @@ from dpllm.denoise.rmt import NORM_CORRECTIONS
 from dpllm.tasks import TASKS
 
 
-ENGINES = ("single", "ddp", "deepspeed")
+ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 
 
 class ConfigError(ValueError):
@@ -157,7 +157,7 @@ class RunConfig:
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    engine: str = "single"  # single | ddp (torchrun, replicated parameters) | deepspeed (ZeRO-1/2)
+    engine: str = "single"  # single | ddp (torchrun, replicated) | fsdp (torchrun, FSDP2) | deepspeed (ZeRO-1/2)
     deepspeed_config: str = ""  # a DeepSpeed JSON config (launch/e2e.py --config sets it)
     batch_size: int = 32  # expected logical batch size: sample rate q = batch_size / N
     micro_batch_size: int = 16  # at most this many examples per forward/backward
@@ -181,6 +181,11 @@ class RunConfig:
             (self.engine == "deepspeed") == bool(self.deepspeed_config),
             "deepspeed_config",
             "is set exactly when engine is deepspeed (launch with --config ds_configs/zero2.json)",
+        )
+        _require(
+            not (self.engine == "fsdp" and self.generation.every),
+            "generation.every",
+            "must be 0 with engine fsdp (generation runs at the end, on rank 0, from the gathered model)",
         )
         _require(self.batch_size > 0, "batch_size", "must be > 0")
         _require(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")

@@ -2,7 +2,7 @@
 
     python launch/e2e.py --recipe recipes/e2e/tiny_cpu.yaml [key=value ...]
     deepspeed --num_gpus 2 launch/e2e.py --config ds_configs/zero2.json --recipe R [key=value ...]
-    torchrun --nproc_per_node 2 launch/e2e.py --engine ddp --recipe R [key=value ...]
+    torchrun --nproc_per_node 2 launch/e2e.py --engine fsdp --recipe R [key=value ...]   (or --engine ddp)
 
 On CPUs set DS_ACCELERATOR=cpu for DeepSpeed; processes talk over gloo there, NCCL on GPUs.
 
@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML recipe")
     parser.add_argument("--config", help="DeepSpeed JSON config (selects the deepspeed engine)")
-    parser.add_argument("--engine", choices=["single", "ddp", "deepspeed"], help="default: deepspeed with --config, else single")
+    parser.add_argument(
+        "--engine", choices=["single", "ddp", "fsdp", "deepspeed"], help="default: deepspeed with --config, else single"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the DeepSpeed launcher; unused")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)

@@ -1,36 +1,52 @@
 """The private step over several processes.
 
-    clip_and_accumulate   each rank clips its own share of the Poisson sample into p.grad
+    clip_and_accumulate   each rank clips its own share of the Poisson sample into full-shape
+                          gradient buffers (p.grad, or the clipper's sink for sharded parameters)
     reduce_to_owners      each parameter's clipped sum is summed over ranks onto its owner
-                          (one reduce per parameter: about half an all-reduce in volume)
+                          (one reduce per parameter)
     add_noise             the owner adds N(0, (sigma C)^2) from the parameter's own stream, keyed
                           by (seed drawn on rank 0, step, name): once, whatever the world size
     denoise               each owner denoises the projection matrices it owns (the SVD work is
                           balanced over ranks, see ownership.py); statistics summed over ranks
     average               divide by the expected batch size q N; non-owners hold zeros
-    hand_over             the result reaches the ranks that update the parameter: a broadcast
-                          from the owner (replicated parameters), or ZeRO-2's own reduce-scatter
-                          into optimizer partitions (owner's value times the world size, zeros
-                          elsewhere: ZeRO averages)
+    hand_over             the result reaches the ranks that update the parameter:
+                            replicated  broadcast from the owner (torchrun, DDP-style)
+                            deepspeed   ZeRO-1/2's own reduce-scatter into optimizer partitions
+                                        (the owner's value times the world size, zeros elsewhere:
+                                        ZeRO averages over ranks)
+                            fsdp        scatter of dim-0 chunks from the owner into FSDP2's shards
     optimizer_step, accountant_step   as in one process
 
 Norm correction is per matrix ("noisy" or "estimate" rescale each matrix by its own norms), so it
-needs no exchange beyond the owner. Communication per step: a reduce plus a broadcast or
-reduce-scatter of the gradient, i.e. one all-reduce, and 7 scalars for the logs.
+needs no exchange beyond the owner. Communication per step: a reduce plus a broadcast,
+reduce-scatter or scatter of the gradient, at most one all-reduce's volume, and 7 scalars.
 """
 
 from __future__ import annotations
 
+import math
+import time
+
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from dpllm.denoise.gradient import DEFAULT_INCLUDE, GradientDenoiser, select
 from dpllm.distributed.env import DistEnv
 from dpllm.distributed.ownership import assign_owners
 from dpllm.training.private_step import PrivateStep
 
-HANDOVERS = ("replicated", "deepspeed")
+HANDOVERS = ("replicated", "deepspeed", "fsdp")
+
+
+class _Buffer:
+    """A full-shape gradient buffer, shown to the denoiser as a parameter with a ``.grad``."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        self.shape, self.grad = shape, None
+
+    def dim(self) -> int:
+        return len(self.shape)
 
 
 class ShardedPrivateStep(PrivateStep):
@@ -45,64 +61,116 @@ class ShardedPrivateStep(PrivateStep):
         diagnostics: bool = False,
         **kwargs,
     ) -> None:
+        """For ``handover="fsdp"`` build the step on the unsharded model (its hooks stay on the
+        modules), then shard the model and call :meth:`use_sharded`."""
         if handover not in HANDOVERS:
             raise ValueError(f"handover must be one of {HANDOVERS}, got {handover!r}")
         if diagnostics:
             raise ValueError("denoise.diagnostics needs the whole clipped gradient in one process: run it single-process")
+        if handover == "fsdp":
+            kwargs["clipper_options"] = {"grad_sink": {}, "verify_first_backward": False}
         super().__init__(model, optimizer, denoiser_options=None, **kwargs)
         self.env, self.handover = env, handover
-        named = {self.clipper.names[p]: p for p in self.parameters}
-        self.by_name = named
+        shapes = self.clipper.shapes
+        self.params = dict(self.clipper.by_name)
         options = dict(denoiser_options or {})
         selected: set[str] = set()
         if denoiser_options is not None:
-            selected = set(select(named, options.get("include", DEFAULT_INCLUDE), options.get("exclude", ())))
+            buffers = {n: _Buffer(shape) for n, shape in shapes.items()}
+            selected = set(select(buffers, options.get("include", DEFAULT_INCLUDE), options.get("exclude", ())))
             if not selected:
                 raise ValueError(f"no 2-D parameter matches the denoising patterns {options.get('include')}")
         self.denoising = bool(selected)
-        self.owners = assign_owners({n: tuple(p.shape) for n, p in named.items()}, selected, env.world_size)
-        mine = {n: named[n] for n in sorted(selected) if self.owners[n] == env.rank}
-        self.denoiser = GradientDenoiser(mine, **options) if mine else None
+        self.owners = assign_owners({n: tuple(s) for n, s in shapes.items()}, selected, env.world_size)
+        self._buffers = {n: _Buffer(shapes[n]) for n in sorted(selected) if self.owners[n] == env.rank}
+        self.denoiser = GradientDenoiser(self._buffers, **options) if self._buffers else None
+        self._grads: dict[str, Tensor] = {}
 
-    def owns(self, p: nn.Parameter) -> bool:
-        return self.owners[self.clipper.names[p]] == self.env.rank
+    def use_sharded(self, model: nn.Module, optimizer) -> None:
+        """Point the step at the sharded parameters (FSDP2 replaces the parameter objects)."""
+        current = dict(model.named_parameters())
+        self.params = {n: current[n] for n in self.clipper.shapes}
+        self.optimizer = optimizer
 
-    def reduce_to_owners(self) -> None:
-        for p in self.parameters:
+    def _full_grads(self) -> dict[str, Tensor]:
+        if self.handover == "fsdp":
+            sink = self.clipper.grad_sink
+            some = next(iter(self.params.values()))
+            dtype = torch.promote_types(some.dtype, torch.float32)
+            for name, shape in self.clipper.shapes.items():
+                if name not in sink:
+                    sink[name] = torch.zeros(shape, dtype=dtype, device=some.device)
+            return sink
+        for p in self.params.values():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if self.env.distributed:
-                dist.reduce(p.grad, dst=self.owners[self.clipper.names[p]])
+        return {n: p.grad for n, p in self.params.items()}
+
+    def reduce_to_owners(self) -> None:
+        self._grads = self._full_grads()
+        if self.env.distributed:
+            for name, g in self._grads.items():
+                dist.reduce(g, dst=self.owners[name])
 
     def add_noise(self) -> None:
-        for p in self.parameters:
-            if self.owns(p):
-                p.grad.add_(self.noise.sample(self.step_index, self.clipper.names[p], p).to(p.dtype))
+        for name, g in self._grads.items():
+            if self.owners[name] == self.env.rank:
+                g.add_(self.noise.sample(self.step_index, name, g).to(g.dtype))
 
     def denoise(self) -> dict:
         if not self.denoising or self.step_index % self.denoise_every:
             return {}
-        stats = self.denoiser(self.noise.std) if self.denoiser is not None else None
-        local = [stats.matrices, stats.denoised, stats.mean_kept_rank * stats.denoised] if stats else [0.0, 0.0, 0.0]
+        local = [0.0, 0.0, 0.0]
+        if self.denoiser is not None:
+            for name, buffer in self._buffers.items():
+                buffer.grad = self._grads[name]
+            stats = self.denoiser(self.noise.std)
+            local = [stats.matrices, stats.denoised, stats.mean_kept_rank * stats.denoised]
         matrices, denoised, rank_sum = self.env.sum_floats(local)
         return {"denoised_fraction": denoised / max(matrices, 1), "mean_kept_rank": rank_sum / denoised if denoised else 0.0}
 
     def average(self) -> None:
-        for p in self.parameters:
-            if self.owns(p):
-                p.grad.div_(self.expected_batch_size)
+        for name, g in self._grads.items():
+            if self.owners[name] == self.env.rank:
+                g.div_(self.expected_batch_size)
             else:
-                p.grad.zero_()  # a reduce leaves partial sums on non-destination ranks
+                g.zero_()  # a reduce leaves partial sums on non-destination ranks
 
     def hand_over(self) -> None:
-        if not self.env.distributed:
-            return
-        for p in self.parameters:
-            owner = self.owners[self.clipper.names[p]]
-            if self.handover == "replicated":
-                dist.broadcast(p.grad, src=owner)
+        for name, g in self._grads.items():
+            owner = self.owners[name]
+            if self.handover == "fsdp":
+                self._scatter_into_shard(name, g, owner)
+            elif not self.env.distributed:
+                continue
+            elif self.handover == "replicated":
+                dist.broadcast(g, src=owner)
             elif owner == self.env.rank:
-                p.grad.mul_(self.env.world_size)
+                g.mul_(self.env.world_size)
+        self._grads = {}
+        if self.handover == "fsdp":
+            self.clipper.grad_sink.clear()
+
+    def _scatter_into_shard(self, name: str, full: Tensor, owner: int) -> None:
+        """FSDP2 shards dim 0 in torch.chunk pieces: pad to equal chunks, scatter, trim."""
+        from torch.distributed.tensor import DTensor
+
+        p = self.params[name]
+        if not isinstance(p, DTensor):
+            p.grad = full.to(p.dtype)
+            return
+        world, rows = self.env.world_size, full.shape[0]
+        size = math.ceil(rows / world)
+        local_rows = p.to_local().shape[0]
+        out = torch.empty((size, *full.shape[1:]), dtype=full.dtype, device=full.device)
+        chunks = None
+        if owner == self.env.rank:
+            padded = torch.zeros((size * world, *full.shape[1:]), dtype=full.dtype, device=full.device)
+            padded[:rows] = full
+            chunks = list(padded.chunk(world))
+        dist.scatter(out, chunks, src=owner)
+        local = out[:local_rows].to(p.dtype).contiguous()
+        p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
     def optimizer_step(self) -> None:
         if self.handover == "deepspeed":
@@ -110,11 +178,19 @@ class ShardedPrivateStep(PrivateStep):
         super().optimizer_step()
 
     def step(self) -> dict:
+        """The stages after the last micro-batch; statistics include seconds spent communicating
+        (reduce and hand-over, waiting for slower ranks included) and denoising."""
+        t0 = time.perf_counter()
         self.reduce_to_owners()
+        t1 = time.perf_counter()
         self.add_noise()
+        t2 = time.perf_counter()
         denoise_stats = self.denoise()
+        t3 = time.perf_counter()
         self.average()
+        t4 = time.perf_counter()
         self.hand_over()
+        t5 = time.perf_counter()
         self.optimizer_step()
         self.accountant_step()
         samples, clipped, dropped, norm_sum = self.env.sum_floats(
@@ -125,6 +201,8 @@ class ShardedPrivateStep(PrivateStep):
             "dropped_samples": int(dropped),
             "clipped_fraction": clipped / max(samples, 1),
             "mean_grad_norm": norm_sum / max(samples, 1),
+            "comm_s": round((t1 - t0) + (t5 - t4), 6),
+            "denoise_s": round(t3 - t2, 6),
             **denoise_stats,
         }
         self.step_index += 1

@@ -62,7 +62,10 @@ class PerSampleClipper:
         max_grad_norm: float,
         strategy: str = "auto",
         verify_first_backward: bool = True,
+        grad_sink: dict[str, Tensor] | None = None,
     ) -> None:
+        """``grad_sink``: add clipped sums to ``grad_sink[name]`` (full-shape tensors) instead of
+        ``p.grad``, for engines whose parameters are sharded (FSDP2 swaps them during backward)."""
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         if strategy not in STRATEGIES:
@@ -71,12 +74,16 @@ class PerSampleClipper:
         self.strategy = strategy
         self._verify = verify_first_backward
         self._calls: list[_Call] = []
-        self._collected: dict[nn.Parameter, list[C.Contribution]] = {}
+        self._collected: dict[str, list[C.Contribution]] = {}
         self._collecting = False
         self._acc_dtype = torch.float32
         self._rules = {}
         self.parameters: list[nn.Parameter] = []
         self.names: dict[nn.Parameter, str] = {}
+        self.by_name: dict[str, nn.Parameter] = {}
+        self.shapes: dict[str, torch.Size] = {}
+        self._module_params: dict[nn.Module, dict[str, str]] = {}
+        self.grad_sink = grad_sink
         self._handles = []
         self.last_dropped = 0
         self._attach(model)
@@ -106,6 +113,9 @@ class PerSampleClipper:
                     seen.add(id(p))
                     self.parameters.append(p)
                     self.names[p] = f"{label}.{n}"
+                    self.by_name[f"{label}.{n}"] = p
+                    self.shapes[f"{label}.{n}"] = p.shape
+            self._module_params[module] = {n: self.names[p] for n, p in own}
             self._handles.append(module.register_forward_hook(self._record))
         if not self.parameters:
             raise ValueError("the model has no trainable parameters")
@@ -132,8 +142,19 @@ class PerSampleClipper:
         for p, contribution in self._rules[call.module](call.module, x, grad.to(acc)):
             if isinstance(contribution, C.Outer) and self._direct(contribution):
                 contribution = C.materialize(contribution)
-            self._collected.setdefault(p, []).append(contribution)
+            self._collected.setdefault(self._name_of(call.module, p), []).append(contribution)
         call.input = None  # contributions keep what they need; the rest can be freed now
+
+    def _name_of(self, module: nn.Module, p: Tensor) -> str:
+        """The registered name of the parameter a rule returned; sharding engines may have swapped
+        the module's parameter object for an unsharded one since the hooks were installed."""
+        name = self.names.get(p)
+        if name is not None:
+            return name
+        for attr, full in self._module_params[module].items():
+            if getattr(module, attr) is p:
+                return full
+        raise RuntimeError(f"a rule for {type(module).__name__} returned a tensor that is not one of its parameters")
 
     def detach(self) -> None:
         """Remove the hooks."""
@@ -201,9 +222,13 @@ class PerSampleClipper:
             self._check_against_autograd(per_sample_loss[keep].sum(), groups, keep.to(acc_dtype))
 
         while groups:  # popping frees each layer's kept tensors as soon as its sum is formed
-            p, contribs = groups.popitem()
-            clipped = sum(C.weighted_sum(c, factors) for c in contribs)
-            clipped = clipped.view_as(p).to(p.dtype)
+            name, contribs = groups.popitem()
+            clipped = sum(C.weighted_sum(c, factors) for c in contribs).view(self.shapes[name])
+            if self.grad_sink is not None:
+                self.grad_sink[name] = clipped if name not in self.grad_sink else self.grad_sink[name].add_(clipped)
+                continue
+            p = self.by_name[name]
+            clipped = clipped.to(p.dtype)
             p.grad = clipped if p.grad is None else p.grad.add_(clipped)
         return torch.where(keep, norms, torch.full_like(norms, float("nan")))
 
@@ -224,7 +249,7 @@ class PerSampleClipper:
         expected = torch.autograd.grad(loss, params, allow_unused=True)
         rtol = {torch.float64: 1e-6, torch.float32: 1e-3}.get(params[0].dtype, 5e-2)
         for p, ref in zip(params, expected):
-            ours = sum(C.weighted_sum(c, ones) for c in groups.get(p, []))
+            ours = sum(C.weighted_sum(c, ones) for c in groups.get(self.names[p], []))
             ours = torch.zeros_like(p, dtype=ones.dtype) if isinstance(ours, int) else ours.view_as(p)
             ref = torch.zeros_like(ours) if ref is None else ref.to(ours.dtype)
             scale = ref.norm().clamp_min(torch.finfo(ours.dtype).tiny)

@@ -40,9 +40,11 @@ class PrivateStep:
         denoiser_options: dict | None = None,
         denoise_every: int = 1,
         diagnostics: bool = False,
+        clipper_options: dict | None = None,
     ) -> None:
         """``denoiser_options`` (GradientDenoiser keywords) turns denoising on, every ``denoise_every``
-        steps. ``diagnostics`` logs cosines to the clipped (pre-noise) gradient: NOT private."""
+        steps. ``diagnostics`` logs cosines to the clipped (pre-noise) gradient: NOT private.
+        ``clipper_options``: further PerSampleClipper keywords."""
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0 for a private step, got {noise_multiplier}")
         if not expected_batch_size > 0:
@@ -52,7 +54,7 @@ class PrivateStep:
                 f"the noise's std {noise.std} is not noise_multiplier * max_grad_norm = "
                 f"{noise_multiplier * max_grad_norm}: the accountant would report a privacy the run does not have"
             )
-        self.clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy)
+        self.clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy, **(clipper_options or {}))
         self.optimizer = optimizer
         self.noise = noise
         self.noise_multiplier = noise_multiplier

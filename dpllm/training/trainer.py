@@ -18,6 +18,7 @@ from dpllm.distributed import ShardedPrivateStep, init_distributed
 from dpllm.lm import collate, forward_per_sample_loss
 from dpllm.models import load_model_and_tokenizer, pad_token_id
 from dpllm.privacy.accountant import PrivacyAccountant
+from dpllm.privacy.clipper import PerSampleClipper
 from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
@@ -105,8 +106,7 @@ def train(config: RunConfig) -> dict:
     scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out) if eval_rows and env.is_main else None
     plan = plan_privacy(config, len(train_data))
     p = config.privacy
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = _optimizer(config, params)
+    optimizer = None if config.engine == "fsdp" else _optimizer(config, [q for q in model.parameters() if q.requires_grad])
     if config.engine == "deepspeed":
         optimizer = _deepspeed_optimizer(config, model, optimizer)
     expected_batch = plan.sample_rate * len(train_data)
@@ -133,8 +133,14 @@ def train(config: RunConfig) -> dict:
         if config.engine == "single":
             stepper = PrivateStep(model, optimizer, **common)
         else:
-            handover = "deepspeed" if config.engine == "deepspeed" else "replicated"
+            handover = {"ddp": "replicated", "fsdp": "fsdp", "deepspeed": "deepspeed"}[config.engine]
+            if config.engine == "fsdp":  # the first-backward check needs the unsharded model
+                _check_clipping(model, train_data[: config.micro_batch_size], pad_id, p.max_grad_norm)
             stepper = ShardedPrivateStep(model, optimizer, env=env, handover=handover, **common)
+            if config.engine == "fsdp":
+                _fully_shard(model)
+                optimizer = _optimizer(config, [q for q in model.parameters() if q.requires_grad])
+                stepper.use_sharded(model, optimizer)
         if config.denoise.diagnostics:
             log.warning(
                 "denoise.diagnostics is on: metrics.jsonl will hold cosines to the clipped, pre-noise gradient. "
@@ -164,7 +170,8 @@ def train(config: RunConfig) -> dict:
         "planned_epsilon": plan.planned_epsilon if p.enabled else None,
         **data_counts,
     }
-    if eval_data and env.is_main:
+    evaluates = env.is_main or config.engine == "fsdp"  # FSDP2's forward needs every rank
+    if eval_data and evaluates:
         header["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
     metrics.log(header)
     log.info("plan: %s", header)
@@ -194,7 +201,7 @@ def train(config: RunConfig) -> dict:
                 "elapsed_s": round(time.perf_counter() - started, 3),
                 **stats,
             }
-            if config.eval_every and done % config.eval_every == 0 and eval_data and env.is_main:
+            if config.eval_every and done % config.eval_every == 0 and eval_data and evaluates:
                 row["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
             if scorer and gen.every and done % gen.every == 0:
                 row["scores"] = scorer(model, tokenizer, done)
@@ -212,7 +219,9 @@ def train(config: RunConfig) -> dict:
         "world_size": env.world_size,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
-    if env.is_main:  # parameters are replicated after every step: rank 0 evaluates and saves
+    if config.engine == "fsdp":
+        model = _gathered_copy(config, model, env)
+    if env.is_main:  # rank 0 evaluates and saves the (replicated or gathered) model
         summary.update(_finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer, plan.steps))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if summary["scores"] is not None:
@@ -241,6 +250,38 @@ def _finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer
     if final_scores is not None:
         metrics.plot_scores(out / "scores.png")
     return {"eval_loss_before": header.get("eval_loss"), "eval_loss_after": final_eval, "scores": final_scores}
+
+
+def _check_clipping(model, examples: list[dict], pad_id: int, max_grad_norm: float) -> None:
+    """One clipped backward with the clipper's check against autograd, then nothing kept."""
+    clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, verify_first_backward=True)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+    clipper.backward(forward_per_sample_loss(model, batch))
+    clipper.detach()
+    model.zero_grad(set_to_none=True)
+
+
+def _fully_shard(model) -> None:
+    """FSDP2: each decoder layer is a unit, the root holds embeddings, final norm and lm_head."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules()):
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module)
+    fully_shard(model)
+
+
+def _gathered_copy(config: RunConfig, model, env):
+    """The full parameters on rank 0 (every rank takes part in the gather), in an unsharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.is_main:
+        return None
+    plain, _ = load_model_and_tokenizer(config.model)
+    plain.load_state_dict(full)
+    return plain
 
 
 def _deepspeed_optimizer(config: RunConfig, model, optimizer):

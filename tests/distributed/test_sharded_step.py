@@ -79,14 +79,14 @@ def test_zero_signal_update_is_one_noise_draw_on_one_and_two_processes():
 def _denoise_sharded(env, grads):
     model = tiny_model("llama", dtype=torch.float64, seed=0, hidden=64, vocab=128)
     step = _step(env, model, denoise={"method": "full"})
-    for name, p in step.by_name.items():
+    for name, p in step.params.items():
         p.grad = grads[name] / env.world_size  # the ranks' partial sums add up to the full gradient
     step.reduce_to_owners()
     stats = step.denoise()
     step.average()
     step.hand_over()
     owned = sorted(n for n in step.denoiser.names) if step.denoiser else []
-    return {"grads": {n: p.grad.clone() for n, p in step.by_name.items()}, "stats": stats, "owned": owned}
+    return {"grads": {n: p.grad.clone() for n, p in step.params.items()}, "stats": stats, "owned": owned}
 
 
 @pytest.mark.slow

@@ -82,8 +82,8 @@ class GenerationConfig:
 @dataclass
 class PrivacyConfig:
     enabled: bool = True
-    target_epsilon: float | None = None  # calibrate the noise to this budget...
-    noise_multiplier: float | None = None  # ...or give sigma directly
+    target_epsilon: float | None = None  # the budget: sigma is calibrated to it unless given
+    noise_multiplier: float | None = None  # sigma; with a target too, the plan must fit the budget
     delta: float | None = None  # default 1 / (2 N)
     max_grad_norm: float = 1.0
     accountant: str = "pld"
@@ -93,9 +93,9 @@ class PrivacyConfig:
         if not self.enabled:
             return
         _require(
-            (self.target_epsilon is None) != (self.noise_multiplier is None),
+            self.target_epsilon is not None or self.noise_multiplier is not None,
             "privacy",
-            "set exactly one of target_epsilon and noise_multiplier",
+            "set target_epsilon (the budget), noise_multiplier, or both",
         )
         _require(self.target_epsilon is None or self.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
         _require(
@@ -165,6 +165,8 @@ class RunConfig:
     epochs: float | None = None
     seed: int = 0
     output_dir: str = "outputs/run"
+    checkpoint_every: int = 0  # write checkpoints/step_N every k steps (0: never; a budget stop always writes one)
+    resume: str = ""  # a checkpoint folder, or a run's output_dir to continue from its latest checkpoint
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batch_size: int = 32
@@ -193,6 +195,7 @@ class RunConfig:
         _require(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
         _require(self.epochs is None or self.epochs > 0, "epochs", "must be > 0")
         _require(self.log_every > 0, "log_every", "must be > 0")
+        _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0")
         _require(self.eval_every % self.log_every == 0, "eval_every", "must be a multiple of log_every (evaluations are logged rows)")
         _require(

@@ -36,6 +36,24 @@ class PrivacyAccountant:
             self._cached = (key, epsilon_of_history([tuple(h) for h in self.history], self.delta, self.accountant))
         return self._cached[1]
 
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, count: int = 1) -> float:
+        """Epsilon if ``count`` more such steps ran (for the budget guard); the history is unchanged."""
+        history = [tuple(h) for h in self.history] + [(noise_multiplier, sample_rate, count)]
+        return epsilon_of_history(history, self.delta, self.accountant)
+
+    def steps_within(self, noise_multiplier: float, sample_rate: float, target_epsilon: float, limit: int) -> int:
+        """How many more such steps (at most ``limit``) keep the total epsilon within the target."""
+        if limit <= 0 or self.epsilon_after(noise_multiplier, sample_rate, limit) <= target_epsilon:
+            return max(limit, 0)
+        lo, hi = 0, limit  # epsilon_after(lo) fits (or lo == 0), epsilon_after(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.epsilon_after(noise_multiplier, sample_rate, mid) <= target_epsilon:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
     def state_dict(self) -> dict:
         return {"delta": self.delta, "accountant": self.accountant, "history": [list(h) for h in self.history]}
 

@@ -104,3 +104,22 @@ def calibrate_noise_multiplier(
     while eps(high, PLD_DISCRETIZATION) > target_epsilon:
         high *= 1 + tol
     return high
+
+
+def max_steps_within(
+    noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float, accountant: str = "pld", limit: int = 10**7
+) -> int:
+    """The most steps whose epsilon stays within ``target_epsilon`` (0 if not even one)."""
+    if compute_epsilon(noise_multiplier, sample_rate, 1, delta, accountant) > target_epsilon:
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and compute_epsilon(noise_multiplier, sample_rate, hi, delta, accountant) <= target_epsilon:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if compute_epsilon(noise_multiplier, sample_rate, mid, delta, accountant) <= target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -19,11 +19,12 @@ from dpllm.lm import collate, forward_per_sample_loss
 from dpllm.models import load_model_and_tokenizer, pad_token_id
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
-from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
+from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon, max_steps_within
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
 from dpllm.tasks import get_task
 from dpllm.tasks.data2text import tokenize
+from dpllm.training import checkpoint
 from dpllm.training.evaluation import GenerationEval, evaluate_loss, write_results
 from dpllm.training.metrics import MetricsLog
 from dpllm.training.private_step import NonPrivateStep, PrivateStep
@@ -56,6 +57,13 @@ def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
     if sigma is None:
         sigma = calibrate_noise_multiplier(p.target_epsilon, delta, q, steps, p.accountant)
     eps = compute_epsilon(sigma, q, steps, delta, p.accountant)
+    if p.target_epsilon is not None and eps > p.target_epsilon:
+        fits = max_steps_within(sigma, q, delta, p.target_epsilon, p.accountant, limit=steps)
+        raise ValueError(
+            f"the plan ({steps} steps at noise multiplier {sigma:g}, sample rate {q:g}) spends epsilon {eps:.4g} "
+            f"> privacy.target_epsilon={p.target_epsilon:g}; at most {fits} steps fit: lower max_steps/epochs, "
+            "raise privacy.noise_multiplier, or leave it out to calibrate it"
+        )
     return PrivacyPlan(q, steps, delta, sigma, eps)
 
 
@@ -171,13 +179,42 @@ def train(config: RunConfig) -> dict:
         **data_counts,
     }
     evaluates = env.is_main or config.engine == "fsdp"  # FSDP2's forward needs every rank
-    if eval_data and evaluates:
-        header["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
-    metrics.log(header)
-    log.info("plan: %s", header)
+    noise = stepper.noise if p.enabled else None
+
+    def save_checkpoint(step: int):
+        return checkpoint.save(
+            out, step, env=env, engine=config.engine, model=model, tokenizer=tokenizer, optimizer=stepper.optimizer,
+            accountant=accountant, sampler=sampler, noise=noise, rows=metrics.rows,
+        )
+
+    start = 0
+    if config.resume:
+        path = checkpoint.resolve(config.resume)
+        state = checkpoint.load(
+            path, env=env, engine=config.engine, model=model, optimizer=stepper.optimizer,
+            accountant=accountant, sampler=sampler, noise=noise,
+        )
+        start = stepper.step_index = state["step"]
+        for row in state["rows"]:
+            metrics.log(row)
+        header = state["rows"][0]
+        log.info("resumed from %s at step %d (epsilon spent so far %.4g)", path, start, accountant.epsilon() if p.enabled else 0)
+    else:
+        if eval_data and evaluates:
+            header["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
+        metrics.log(header)
+        log.info("plan: %s", header)
+    end = plan.steps
+    if p.enabled and p.target_epsilon is not None:  # the budget guard
+        end = start + accountant.steps_within(plan.noise_multiplier, plan.sample_rate, p.target_epsilon, plan.steps - start)
+        if end < plan.steps:
+            log.warning(
+                "privacy budget: only %d of the planned %d steps keep epsilon within %g; the run stops after step %d",
+                end, plan.steps, p.target_epsilon, end,
+            )
 
     desc = "private fine-tune" if p.enabled else "fine-tune"
-    bar = tqdm(range(plan.steps), desc=desc, disable=not (config.progress and env.is_main))
+    bar = tqdm(range(start, end), desc=desc, initial=start, total=end, disable=not (config.progress and env.is_main))
     started = time.perf_counter()
     for step in bar:
         indices = sampler.sample()
@@ -189,7 +226,7 @@ def train(config: RunConfig) -> dict:
             losses.append(loss.detach())
         stats = stepper.step()
         done = step + 1
-        if done % config.log_every == 0 or done == plan.steps:
+        if done % config.log_every == 0 or done == end:
             all_losses = torch.cat(losses).cpu() if losses else torch.zeros(0)
             finite = all_losses[torch.isfinite(all_losses)]
             loss_sum, loss_count = env.sum_floats([float(finite.sum()), finite.numel()])
@@ -207,10 +244,17 @@ def train(config: RunConfig) -> dict:
                 row["scores"] = scorer(model, tokenizer, done)
             metrics.log(row)
             bar.set_postfix(loss=row["loss"], eps=row["epsilon"])
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            save_checkpoint(done)
     bar.close()
+    if end < plan.steps:
+        metrics.log({"step": end, "stopped": "privacy budget", "epsilon": accountant.epsilon()})
+        if not (config.checkpoint_every and end % config.checkpoint_every == 0):
+            log.warning("stopped at step %d to stay within epsilon %g; checkpoint in %s", end, p.target_epsilon, save_checkpoint(end))
 
     summary = {
-        "steps": plan.steps,
+        "steps": end,
+        "planned_steps": plan.steps,
         "epsilon": accountant.epsilon() if p.enabled else None,
         "delta": plan.delta,
         "noise_multiplier": plan.noise_multiplier,
@@ -222,10 +266,10 @@ def train(config: RunConfig) -> dict:
     if config.engine == "fsdp":
         model = _gathered_copy(config, model, env)
     if env.is_main:  # rank 0 evaluates and saves the (replicated or gathered) model
-        summary.update(_finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer, plan.steps))
+        summary.update(_finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer, end))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if summary["scores"] is not None:
-            write_results(out / "results.json", summary["scores"], task=config.data.task, step=plan.steps, epsilon=summary["epsilon"])
+            write_results(out / "results.json", summary["scores"], task=config.data.task, step=end, epsilon=summary["epsilon"])
     env.barrier()
     return summary
 

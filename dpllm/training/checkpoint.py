@@ -1,0 +1,134 @@
+"""Atomic checkpoints a run resumes from exactly.
+
+A checkpoint is a folder ``checkpoints/step_{N}`` holding everything the next step depends on:
+
+    model/          the parameters in Hugging Face form (replicated engines; rank 0 writes it)
+    sharded/        model and optimizer state in torch.distributed.checkpoint form (one process,
+                    torchrun ddp and FSDP2: each rank writes its own shards)
+    optim_rank{r}.pt  DeepSpeed's ZeRO optimizer partition of rank r (fp32 master weights included)
+    state.json      step, accountant history, sampler generator state, noise seed (not in
+                    secure mode: a resumed secure run draws fresh seeds), metrics rows so far
+
+Every rank writes into ``step_{N}.partial``; after a barrier rank 0 renames it to ``step_{N}``
+(a rename is atomic) and then rewrites ``latest`` by rename too. A run killed at any moment
+leaves either the previous complete checkpoint or the new one, never a half-written one that
+``resume`` would pick.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+PARTIAL = ".partial"
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step_{step}"
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's output_dir (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        found = path / "checkpoints" / latest.read_text().strip()
+        if (found / "state.json").is_file():
+            return found
+    raise FileNotFoundError(f"{path}: neither a checkpoint (no state.json) nor a run folder with checkpoints/latest")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + PARTIAL)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _tensor_to_text(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _text_to_tensor(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer, accountant, sampler, noise, rows) -> Path:
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + PARTIAL)
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    env.barrier()
+    if engine == "deepspeed":
+        torch.save(optimizer.state_dict(), tmp / f"optim_rank{env.rank}.pt")
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "sharded", no_dist=not env.distributed)
+    if env.is_main:
+        if engine != "fsdp":
+            model.save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
+        state = {
+            "step": step,
+            "world_size": env.world_size,
+            "engine": engine,
+            "accountant": accountant.state_dict() if accountant is not None else None,
+            "sampler": None if sampler.secure else _tensor_to_text(sampler.state_dict()["generator"]),
+            "noise": None if noise is None or noise.secure else noise.state_dict(),
+            "rows": rows,
+        }
+        (tmp / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_text_atomic(final.parent / "latest", final.name)
+    env.barrier()
+    return final
+
+
+def load(path: Path, *, env, engine: str, model, optimizer, accountant, sampler, noise) -> dict:
+    """Restore the states saved by :func:`save` into freshly built objects; returns state.json."""
+    state = json.loads((path / "state.json").read_text())
+    if state["engine"] != engine or state["world_size"] != env.world_size:
+        raise ValueError(
+            f"{path} was written by engine {state['engine']} on {state['world_size']} processes; "
+            f"resume it with the same (this run: {engine} on {env.world_size})"
+        )
+    if engine == "deepspeed":
+        from safetensors.torch import load_file
+
+        # ZeRO restores its fp32 master partitions, not the module's parameters: load those too.
+        weights = {}
+        for shard in sorted((path / "model").glob("*.safetensors")):
+            weights.update(load_file(shard))
+        missing = set(dict(model.named_parameters())) - set(weights)
+        missing -= {n for n in missing if n.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
+        if missing:
+            raise ValueError(f"{path / 'model'} lacks parameters {sorted(missing)[:5]}")
+        model.load_state_dict(weights, strict=False)
+        partitions = [torch.load(path / f"optim_rank{r}.pt", weights_only=False) for r in range(env.world_size)]
+        optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=path / "sharded", no_dist=not env.distributed)
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    if accountant is not None and state["accountant"] is not None:
+        accountant.load_state_dict(state["accountant"])
+    if state["sampler"] is not None and not sampler.secure:
+        sampler.load_state_dict({"generator": _text_to_tensor(state["sampler"])})
+    if noise is not None and state["noise"] is not None and not noise.secure:
+        noise.load_state_dict(state["noise"])
+    return state

@@ -1,0 +1,127 @@
+"""Atomic checkpoints, kill-and-resume, and the privacy-budget guard."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpllm.config import load_config
+from dpllm.privacy.accounting import compute_epsilon, epsilon_of_history
+from dpllm.training.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RECIPE = REPO / "recipes/e2e/tiny_cpu.yaml"
+COMMON = [
+    "data.max_train_examples=200",
+    "data.max_eval_examples=20",
+    "data.max_length=64",
+    "batch_size=16",
+    "micro_batch_size=8",
+    "eval_every=0",
+    "progress=false",
+    "generation.at_end=false",
+    "generation.every=0",
+    "seed=3",
+    "privacy.target_epsilon=null",
+    "privacy.noise_multiplier=1.0",
+]
+Q, DELTA = 16 / 200, 1 / 400
+
+
+def _command(kind: str, args: list[str]) -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    if kind == "single":
+        return [sys.executable, "launch/e2e.py", "--recipe", str(RECIPE), *args]
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/e2e.py", "--config",
+            "ds_configs/zero2.json", "--recipe", str(RECIPE), *args]
+
+
+def _env():
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+
+
+def _run(kind: str, args: list[str]) -> dict:
+    done = subprocess.run(_command(kind, COMMON + args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
+    return {"params": load_file(out / "final/model.safetensors"), "summary": json.loads((out / "summary.json").read_text())}
+
+
+def _run_and_kill_after_first_checkpoint(kind: str, out: Path) -> None:
+    """Start a long run that checkpoints every 3 steps; SIGKILL it once step 3 is on disk."""
+    args = COMMON + ["max_steps=1000", "checkpoint_every=3", f"output_dir={out}"]
+    proc = subprocess.Popen(
+        _command(kind, args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    latest = out / "checkpoints/latest"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert latest.read_text() == "step_3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["single", "deepspeed"])
+def test_kill_and_resume_gives_the_straight_run(tmp_path, kind):
+    straight = _run("single", ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
+    _run_and_kill_after_first_checkpoint(kind, tmp_path / "killed")
+    resumed = _run(kind, ["max_steps=6", f"resume={tmp_path / 'killed'}", f"output_dir={tmp_path / 'killed'}"])
+    assert resumed["summary"]["epsilon"] == straight["summary"]["epsilon"] == pytest.approx(
+        compute_epsilon(1.0, Q, 6, DELTA), rel=1e-9
+    )
+    for name, value in straight["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-5 if kind != "single" else 0)
+    rows = [json.loads(line) for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # the log continues, no gap or repeat
+
+
+def test_budget_guard_stops_at_the_last_step_within_the_target(tmp_path):
+    first = load_config(RECIPE, COMMON + ["privacy.noise_multiplier=0.6", "max_steps=3", "checkpoint_every=3", f"output_dir={tmp_path}"])
+    train(first)
+    # Resumed at a larger sigma under a target that the plan (6 steps at 1.0) meets but the real
+    # history (3 steps at 0.6, then 1.0) does not: only 2 more steps fit.
+    spent_5 = epsilon_of_history([(0.6, Q, 3), (1.0, Q, 2)], DELTA)
+    spent_6 = epsilon_of_history([(0.6, Q, 3), (1.0, Q, 3)], DELTA)
+    target = (spent_5 + spent_6) / 2
+    assert compute_epsilon(1.0, Q, 6, DELTA) < target
+    resumed = load_config(RECIPE, COMMON + [f"privacy.target_epsilon={target}", "max_steps=6", f"resume={tmp_path}", f"output_dir={tmp_path}"])
+    summary = train(resumed)
+    assert summary["steps"] == 5 and summary["planned_steps"] == 6
+    assert summary["epsilon"] == pytest.approx(spent_5, rel=1e-9) and summary["epsilon"] <= target
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 5, "stopped": "privacy budget", "epsilon": summary["epsilon"]} in rows
+    assert (tmp_path / "checkpoints/step_5/state.json").is_file() and (tmp_path / "checkpoints/latest").read_text() == "step_5"
+
+
+def test_plan_that_cannot_meet_the_target_is_refused_before_training(tmp_path):
+    eps_3 = compute_epsilon(1.0, Q, 3, DELTA)
+    eps_4 = compute_epsilon(1.0, Q, 4, DELTA)
+    config = load_config(RECIPE, COMMON + [f"privacy.target_epsilon={(eps_3 + eps_4) / 2}", "max_steps=6", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"spends epsilon .* at most 3 steps fit"):
+        train(config)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resume_refuses_another_engine_or_world_size(tmp_path):
+    train(load_config(RECIPE, COMMON + ["max_steps=3", "checkpoint_every=3", f"output_dir={tmp_path}"]))
+    state = json.loads((tmp_path / "checkpoints/step_3/state.json").read_text())
+    state["world_size"] = 2
+    (tmp_path / "checkpoints/step_3/state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="on 2 processes; resume it with the same"):
+        train(load_config(RECIPE, COMMON + ["max_steps=6", f"resume={tmp_path}", f"output_dir={tmp_path}"]))
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        train(load_config(RECIPE, COMMON + ["max_steps=6", f"resume={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'x'}"]))

@@ -138,3 +138,17 @@ def test_denoised_run_logs_denoising_and_spends_the_same_epsilon(tmp_path, local
     steps = [r for r in rows if "loss" in r]
     assert all(0 <= r["denoised_fraction"] <= 1 and "cos_gain" in r for r in steps)
     assert (tmp_path / "den/denoising.png").stat().st_size > 1000
+
+
+def test_truncations_are_counted_and_a_large_delta_warns(tmp_path, local_models, caplog):
+    from dpllm.tasks import e2e
+    from dpllm.tasks.data2text import tokenize
+
+    with caplog.at_level("WARNING", logger="dpllm"):
+        run(tmp_path, local_models["llama"], "privacy.delta=0.01", "data.max_length=150")
+    assert "privacy.delta=0.01 is not below 1/N=0.005" in caplog.text
+    header = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    rows = e2e.load(REPO / "assets/data/e2e/train.csv", max_examples=200)
+    expected = sum(tokenize(r, tok, 150)[1] for r in rows)
+    assert header["truncated_train"] == expected and 0 < expected < 200

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``checkpoints/step_{N}`` holding everything the next step depends on:
 
-    model/          the parameters in Hugging Face form (replicated engines; rank 0 writes it)
+    model/          the parameters in Hugging Face form (rank 0 writes it; FSDP2 gathers them first)
     sharded/        model and optimizer state in torch.distributed.checkpoint form (one process,
                     torchrun ddp and FSDP2: each rank writes its own shards)
     optim_rank{r}.pt  DeepSpeed's ZeRO optimizer partition of rank r (fp32 master weights included)
@@ -66,6 +66,13 @@ def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     env.barrier()
+    full_state = None
+    if engine == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(model.config, "tie_word_embeddings", False):
+            full_state.pop("lm_head.weight", None)  # stored once, as the embedding, like save_pretrained does
     if engine == "deepspeed":
         torch.save(optimizer.state_dict(), tmp / f"optim_rank{env.rank}.pt")
     else:
@@ -75,9 +82,8 @@ def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "sharded", no_dist=not env.distributed)
     if env.is_main:
-        if engine != "fsdp":
-            model.save_pretrained(tmp / "model")
-            tokenizer.save_pretrained(tmp / "model")
+        model.save_pretrained(tmp / "model", state_dict=full_state)
+        tokenizer.save_pretrained(tmp / "model")
         state = {
             "step": step,
             "world_size": env.world_size,

@@ -43,6 +43,9 @@ def _command(kind: str, args: list[str]) -> list[str]:
         port = str(s.getsockname()[1])
     if kind == "single":
         return [sys.executable, "launch/e2e.py", "--recipe", str(RECIPE), *args]
+    if kind == "fsdp":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "launch/e2e.py", "--engine", "fsdp",
+                "--recipe", str(RECIPE), *args]
     return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/e2e.py", "--config",
             "ds_configs/zero2.json", "--recipe", str(RECIPE), *args]
 
@@ -75,7 +78,7 @@ def _run_and_kill_after_first_checkpoint(kind: str, out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["single", "deepspeed"])
+@pytest.mark.parametrize("kind", ["single", "deepspeed", "fsdp"])
 def test_kill_and_resume_gives_the_straight_run(tmp_path, kind):
     straight = _run("single", ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
     _run_and_kill_after_first_checkpoint(kind, tmp_path / "killed")
@@ -87,6 +90,8 @@ def test_kill_and_resume_gives_the_straight_run(tmp_path, kind):
         torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-5 if kind != "single" else 0)
     rows = [json.loads(line) for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # the log continues, no gap or repeat
+    saved = load_file(tmp_path / "killed/checkpoints/step_3/model/model.safetensors")  # HF form, every engine
+    assert set(saved) == set(straight["params"])
 
 
 def test_budget_guard_stops_at_the_last_step_within_the_target(tmp_path):
@@ -125,3 +130,11 @@ def test_resume_refuses_another_engine_or_world_size(tmp_path):
         train(load_config(RECIPE, COMMON + ["max_steps=6", f"resume={tmp_path}", f"output_dir={tmp_path}"]))
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         train(load_config(RECIPE, COMMON + ["max_steps=6", f"resume={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'x'}"]))
+
+
+def test_secure_mode_checkpoints_hold_no_seed(tmp_path):
+    train(load_config(RECIPE, COMMON + ["privacy.secure_mode=true", "max_steps=2", "checkpoint_every=2", f"output_dir={tmp_path}"]))
+    state = json.loads((tmp_path / "checkpoints/step_2/state.json").read_text())
+    assert state["sampler"] is None and state["noise"] is None and state["accountant"]["history"] == [[1.0, Q, 2]]
+    resumed = train(load_config(RECIPE, COMMON + ["privacy.secure_mode=true", "max_steps=3", f"resume={tmp_path}", f"output_dir={tmp_path}"]))
+    assert resumed["epsilon"] == pytest.approx(compute_epsilon(1.0, Q, 3, DELTA), rel=1e-9)

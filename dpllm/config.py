@@ -17,6 +17,7 @@ import yaml
 from dpllm.denoise.gradient import DEFAULT_INCLUDE, LORA_INCLUDE
 from dpllm.denoise.rmt import NORM_CORRECTIONS
 from dpllm.tasks import TASKS
+from dpllm.tasks.glue import GLUE
 
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
@@ -33,6 +34,7 @@ class ModelConfig:
     lora_rank: int = 0  # > 0 trains LoRA adapters only
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names not to train
 
     def validate(self) -> None:
         _require(bool(self.name_or_path), "model.name_or_path", "is required")
@@ -42,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "e2e"  # e2e | dart
+    task: str = "e2e"  # e2e | dart (generation) or sst2 | qnli | qqp | mnli (classification)
     train_file: str = ""  # an official file, a folder holding the official files, or a hub name
     eval_file: str = ""
     train_split: str = "train"  # used for folders and hub names
@@ -52,7 +54,8 @@ class DataConfig:
     max_eval_examples: int | None = None
 
     def validate(self) -> None:
-        _require(self.task in TASKS, "data.task", f"unknown task {self.task!r}; known: {', '.join(sorted(TASKS))}")
+        known = sorted(TASKS) + sorted(GLUE)
+        _require(self.task in known, "data.task", f"unknown task {self.task!r}; known: {', '.join(known)}")
         _require(bool(self.train_file), "data.train_file", "is required")
         _require(self.max_length >= 2, "data.max_length", "must be >= 2")
         for key in ("max_train_examples", "max_eval_examples"):

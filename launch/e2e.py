@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         ("sample rate", summary["sample_rate"]),
         ("eval loss before", summary["eval_loss_before"]),
         ("eval loss after", summary["eval_loss_after"]),
+        *[(k.replace("_", " "), v) for k, v in summary.items() if k.startswith("eval_") and "loss" not in k],
         ("train seconds", summary["train_seconds"]),
     ]
     print(f"\n{'result':<20} value")

@@ -1,7 +1,7 @@
 """Denoising the noisy gradient of a model's projection matrices, between noise and optimizer.
 
 Selects the 2-D weights to denoise by name (by default the attention and MLP projections of
-Llama/Qwen-style models; embeddings, lm_head, biases and norms are left alone), groups them by
+Llama/Qwen-style decoders and BERT/RoBERTa encoders; embeddings, lm_head, biases and norms are left alone), groups them by
 shape and denoises each group with one batched SVD.
 """
 
@@ -16,7 +16,10 @@ from torch import Tensor, nn
 from dpllm.denoise.rmt import DEFAULT_KAPPA, rmt_denoise_batched
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_INCLUDE = tuple(f"*{name}.weight" for name in PROJECTIONS)
+# BERT/RoBERTa encoder layers: attention query/key/value/output and the two MLP matrices.
+ENCODER_PROJECTIONS = ("*.query.weight", "*.key.weight", "*.value.weight", "*.attention.output.dense.weight",
+                       "*.intermediate.dense.weight", "*.layer.*.output.dense.weight")
+DEFAULT_INCLUDE = tuple(f"*{name}.weight" for name in PROJECTIONS) + ENCODER_PROJECTIONS
 LORA_INCLUDE = ("*lora_A*.weight", "*lora_B*.weight")
 
 

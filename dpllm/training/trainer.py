@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 
 from dpllm.config import RunConfig, to_dict
 from dpllm.distributed import ShardedPrivateStep, init_distributed
-from dpllm.lm import collate, forward_per_sample_loss
 from dpllm.models import load_model_and_tokenizer, pad_token_id
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
@@ -23,9 +22,9 @@ from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
 from dpllm.tasks import get_task
-from dpllm.tasks.data2text import tokenize
 from dpllm.training import checkpoint
-from dpllm.training.evaluation import GenerationEval, evaluate_loss, write_results
+from dpllm.training.evaluation import GenerationEval, write_results
+from dpllm.training.objectives import Objective, objective_for
 from dpllm.training.metrics import MetricsLog
 from dpllm.training.private_step import NonPrivateStep, PrivateStep
 
@@ -71,18 +70,17 @@ def _derived_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{purpose}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def load_task_data(config: RunConfig, tokenizer):
-    """Eval rows (for generation), tokenised train and eval examples, and how many were truncated."""
+def load_task_data(config: RunConfig, tokenizer, objective: Objective):
+    """Eval rows (for generation), encoded train and eval examples, and how many were truncated."""
     d = config.data
-    task = get_task(d.task)
-    train_rows = task.load(d.train_file, d.train_split, d.max_train_examples)
-    eval_rows = task.load(d.eval_file, d.eval_split, d.max_eval_examples) if d.eval_file else []
+    train_rows = objective.load(d.train_file, d.train_split, d.max_train_examples)
+    eval_rows = objective.load(d.eval_file, d.eval_split, d.max_eval_examples) if d.eval_file else []
     counts = {"truncated_train": 0, "truncated_eval": 0}
 
     def encode(rows, key):
         out = []
         for row in rows:
-            example, truncated = tokenize(row, tokenizer, d.max_length)
+            example, truncated = objective.encode(row, tokenizer, d.max_length)
             counts[key] += truncated
             out.append(example)
         return out
@@ -106,12 +104,14 @@ def train(config: RunConfig) -> dict:
     if config.engine == "single" and env.distributed:
         raise ValueError(f"{env.world_size} processes were launched but engine is 'single'; pick ddp or deepspeed")
     device = env.device()
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    objective = objective_for(config.data.task)
+    model, tokenizer = load_model_and_tokenizer(config.model, num_labels=objective.num_labels)
     model.to(device).train()
     pad_id = pad_token_id(tokenizer)
-    eval_rows, train_data, eval_data, data_counts = load_task_data(config, tokenizer)
+    eval_rows, train_data, eval_data, data_counts = load_task_data(config, tokenizer, objective)
     gen = config.generation
-    scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out) if eval_rows and env.is_main else None
+    generates = eval_rows and env.is_main and objective.num_labels is None
+    scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out) if generates else None
     plan = plan_privacy(config, len(train_data))
     p = config.privacy
     optimizer = None if config.engine == "fsdp" else _optimizer(config, [q for q in model.parameters() if q.requires_grad])
@@ -143,7 +143,7 @@ def train(config: RunConfig) -> dict:
         else:
             handover = {"ddp": "replicated", "fsdp": "fsdp", "deepspeed": "deepspeed"}[config.engine]
             if config.engine == "fsdp":  # the first-backward check needs the unsharded model
-                _check_clipping(model, train_data[: config.micro_batch_size], pad_id, p.max_grad_norm)
+                _check_clipping(model, objective, train_data[: config.micro_batch_size], pad_id, p.max_grad_norm)
             stepper = ShardedPrivateStep(model, optimizer, env=env, handover=handover, **common)
             if config.engine == "fsdp":
                 _fully_shard(model)
@@ -201,7 +201,7 @@ def train(config: RunConfig) -> dict:
         log.info("resumed from %s at step %d (epsilon spent so far %.4g)", path, start, accountant.epsilon() if p.enabled else 0)
     else:
         if eval_data and evaluates:
-            header["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
+            header.update(objective.evaluate(model, eval_data, pad_id, config.eval_batch_size))
         metrics.log(header)
         log.info("plan: %s", header)
     end = plan.steps
@@ -219,9 +219,12 @@ def train(config: RunConfig) -> dict:
     for step in bar:
         indices = sampler.sample()
         losses = []
-        for micro in micro_batches(rank_share(indices, env.rank, env.world_size), config.micro_batch_size):
-            batch = {k: v.to(device) for k, v in collate([train_data[i] for i in micro], pad_id).items()}
-            loss = forward_per_sample_loss(model, batch)
+        # Micro-batches of similar lengths waste little compute on padding; the clipped sum does not
+        # depend on how the logical batch is cut.
+        mine = sorted(rank_share(indices, env.rank, env.world_size), key=lambda i: len(train_data[i]["input_ids"]))
+        for micro in micro_batches(mine, config.micro_batch_size):
+            batch = {k: v.to(device) for k, v in objective.collate([train_data[i] for i in micro], pad_id).items()}
+            loss = objective.per_sample_loss(model, batch)
             stepper.clip_and_accumulate(loss)
             losses.append(loss.detach())
         stats = stepper.step()
@@ -239,7 +242,7 @@ def train(config: RunConfig) -> dict:
                 **stats,
             }
             if config.eval_every and done % config.eval_every == 0 and eval_data and evaluates:
-                row["eval_loss"] = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
+                row.update(objective.evaluate(model, eval_data, pad_id, config.eval_batch_size))
             if scorer and gen.every and done % gen.every == 0:
                 row["scores"] = scorer(model, tokenizer, done)
             metrics.log(row)
@@ -266,7 +269,7 @@ def train(config: RunConfig) -> dict:
     if config.engine == "fsdp":
         model = _gathered_copy(config, model, env)
     if env.is_main:  # rank 0 evaluates and saves the (replicated or gathered) model
-        summary.update(_finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer, end))
+        summary.update(_finish(config, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, end))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if summary["scores"] is not None:
             write_results(out / "results.json", summary["scores"], task=config.data.task, step=end, epsilon=summary["epsilon"])
@@ -274,14 +277,14 @@ def train(config: RunConfig) -> dict:
     return summary
 
 
-def _finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer, steps: int) -> dict:
-    """Final eval loss and scores (reusing the last step's when it just ran them), model, plots."""
+def _finish(config, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, steps: int) -> dict:
+    """Final evaluation and scores (reusing the last step's when it just ran them), model, plots."""
     out = Path(config.output_dir)
     last = metrics.rows[-1]
-    final_eval = last.get("eval_loss") if last["step"] == steps else None
-    if final_eval is None and eval_data:
-        final_eval = evaluate_loss(model, eval_data, pad_id, config.eval_batch_size)
-        metrics.log({"step": steps, "eval_loss": final_eval})
+    final = {k: v for k, v in last.items() if k.startswith("eval_")} if last["step"] == steps else {}
+    if not final and eval_data:
+        final = objective.evaluate(model, eval_data, pad_id, config.eval_batch_size)
+        metrics.log({"step": steps, **final})
     final_scores = last.get("scores") if last["step"] == steps else None
     if final_scores is None and scorer and config.generation.at_end:
         final_scores = scorer(model, tokenizer, steps, progress=config.progress)
@@ -293,15 +296,17 @@ def _finish(config, model, tokenizer, metrics, header, eval_data, pad_id, scorer
     metrics.plot_denoising(out / "denoising.png")
     if final_scores is not None:
         metrics.plot_scores(out / "scores.png")
-    return {"eval_loss_before": header.get("eval_loss"), "eval_loss_after": final_eval, "scores": final_scores}
+    before = {f"{k}_before": v for k, v in header.items() if k.startswith("eval_")}
+    after = {f"{k}_after": v for k, v in final.items()}
+    return {"eval_loss_before": None, "eval_loss_after": None, **before, **after, "scores": final_scores}
 
 
-def _check_clipping(model, examples: list[dict], pad_id: int, max_grad_norm: float) -> None:
+def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float) -> None:
     """One clipped backward with the clipper's check against autograd, then nothing kept."""
     clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, verify_first_backward=True)
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-    clipper.backward(forward_per_sample_loss(model, batch))
+    batch = {k: v.to(device) for k, v in objective.collate(examples, pad_id).items()}
+    clipper.backward(objective.per_sample_loss(model, batch))
     clipper.detach()
     model.zero_grad(set_to_none=True)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from dpllm.config import load_config
 from dpllm.privacy.accounting import compute_epsilon
@@ -152,3 +152,46 @@ def test_truncations_are_counted_and_a_large_delta_warns(tmp_path, local_models,
     rows = e2e.load(REPO / "assets/data/e2e/train.csv", max_examples=200)
     expected = sum(tokenize(r, tok, 150)[1] for r in rows)
     assert header["truncated_train"] == expected and 0 < expected < 200
+
+
+def test_glue_classification_run_on_a_local_bert(tmp_path):
+    """The same loop trains a BERT sequence classifier privately and reports dev accuracy."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from dpllm.tasks import glue
+
+    vocab = tmp_path / "vocab.txt"
+    words = sorted({w for e in glue.load("sst2", REPO / "assets/data/glue/SST-2", "train", 300) for w in e.text_a.split()})
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    config = load_config(
+        REPO / "recipes/glue/minilm_sst2_cpu.yaml",
+        [
+            f"model.name_or_path={tmp_path / 'bert'}",
+            "model.freeze=[]",
+            f"data.train_file={REPO / 'assets/data/glue/SST-2'}",
+            f"data.eval_file={REPO / 'assets/data/glue/SST-2'}",
+            "data.max_train_examples=300",
+            "data.max_eval_examples=50",
+            "batch_size=32",
+            "micro_batch_size=16",
+            "max_steps=3",
+            "log_every=1",
+            "eval_every=3",
+            "denoise.enabled=true",
+            "progress=false",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    summary = train(config)
+    assert 0 <= summary["eval_accuracy_after"] <= 1 and summary["eval_accuracy_before"] is not None
+    assert summary["epsilon"] == pytest.approx(compute_epsilon(summary["noise_multiplier"], 32 / 300, 3, 1 / 600), rel=1e-9)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 3]
+    assert all("denoised_fraction" in r for r in rows if "loss" in r)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run/final")
+    assert reloaded.config.num_labels == 2

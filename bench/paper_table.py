@@ -101,9 +101,10 @@ def _plot(curves: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (task, eps), seeds in curves.items():
+    for k, ((task, eps), seeds) in enumerate(curves.items()):
         for i, pts in enumerate(seeds):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{task} eps {eps:g}" if i == 0 else None, alpha=0.7)
+            label = f"{task} eps {eps:g} ({len(seeds)} seeds)" if i == 0 else None
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{k}", label=label, alpha=0.6)
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("cos(denoised) - cos(noisy), vs clipped (not private)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpllm.tasks.data2text import DataError, Example
+from dpllm.tasks.data2text import DataError, Example, open_data
 
 OFFICIAL_FILES = {
     "train": "dart-v1.1.1-full-train.json",
@@ -37,14 +37,11 @@ def load(source: str | Path, split: str = "train", max_examples: int | None = No
 
 def load_json(path: str | Path, max_examples: int | None = None) -> list[Example]:
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    with open_data(path) as handle:
+        try:
+            entries = json.load(handle)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a JSON list of entries")
     examples = []

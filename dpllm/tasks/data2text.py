@@ -7,6 +7,7 @@ unique input, in order of first appearance, against all of that input's referenc
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,16 +59,25 @@ def write_references(path: Path, references: list[list[str]]) -> None:
     path.write_text("\n".join("".join(r + "\n" for r in refs) for refs in references), encoding="utf-8")
 
 
+@contextmanager
+def open_data(path: Path):
+    """A UTF-8 text handle; a missing file or a non-UTF-8 byte (also while reading) is a DataError naming the file."""
+    try:
+        handle = open(path, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    with handle:
+        try:
+            yield handle
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
 def read_predictions(path: str | Path, num_inputs: int) -> list[str]:
     """One prediction per line, exactly one per unique input; a count mismatch names the file and line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    lines = text.splitlines()
+    with open_data(path) as f:
+        lines = f.read().splitlines()
     if not lines:
         raise DataError(f"{path}: empty file, expected {num_inputs} predictions (one per line)")
     if len(lines) > num_inputs:

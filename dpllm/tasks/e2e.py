@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from dpllm.tasks.data2text import DataError, Example
+from dpllm.tasks.data2text import DataError, Example, open_data
 
 OFFICIAL_FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
 HUB_COLUMNS = ("meaning_representation", "human_reference")
@@ -29,28 +29,21 @@ def load(source: str | Path, split: str = "train", max_examples: int | None = No
 def load_csv(path: str | Path, max_examples: int | None = None) -> list[Example]:
     """Rows of an official E2E CSV; a missing column, a malformed row or no rows is an error."""
     path = Path(path)
-    try:
-        handle = open(path, encoding="utf-8", newline="")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
     examples = []
-    with handle:
-        try:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
-                raise DataError(f"{path}:1: expected a header with columns 'mr' and 'ref', got {reader.fieldnames}")
-            for row in reader:
-                line = reader.line_num
-                if None in row or row.get("mr") is None or row.get("ref") is None:
-                    raise DataError(f"{path}:{line}: expected 2 fields (mr, ref)")
-                mr, ref = row["mr"].strip(), row["ref"].strip()
-                if not mr or not ref:
-                    raise DataError(f"{path}:{line}: empty {'mr' if not mr else 'ref'}")
-                examples.append(Example(mr, ref))
-                if max_examples is not None and len(examples) >= max_examples:
-                    break
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    with open_data(path) as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
+            raise DataError(f"{path}:1: expected a header with columns 'mr' and 'ref', got {reader.fieldnames}")
+        for row in reader:
+            line = reader.line_num
+            if None in row or row.get("mr") is None or row.get("ref") is None:
+                raise DataError(f"{path}:{line}: expected 2 fields (mr, ref)")
+            mr, ref = row["mr"].strip(), row["ref"].strip()
+            if not mr or not ref:
+                raise DataError(f"{path}:{line}: empty {'mr' if not mr else 'ref'}")
+            examples.append(Example(mr, ref))
+            if max_examples is not None and len(examples) >= max_examples:
+                break
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples

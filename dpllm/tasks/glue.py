@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpllm.tasks.data2text import DataError
+from dpllm.tasks.data2text import DataError, open_data
 
 
 @dataclass(frozen=True)
@@ -59,33 +59,26 @@ def load(task: str, source: str | Path, split: str = "train", max_examples: int 
 
 def load_tsv(spec: GlueTask, path: Path, max_examples: int | None = None) -> list[ClassificationExample]:
     csv.field_size_limit(sys.maxsize)
-    try:
-        handle = open(path, encoding="utf-8", newline="")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
     examples = []
-    with handle:
-        try:
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            needed = (*spec.text_columns, spec.label_column)
-            if header is None or not set(needed) <= set(header):
-                raise DataError(f"{path}:1: expected columns {list(needed)} for {spec.name}, got {header}")
-            index = {c: header.index(c) for c in needed}
-            for line, row in enumerate(reader, start=2):
-                if len(row) != len(header):
-                    raise DataError(f"{path}:{line}: expected {len(header)} tab-separated fields, got {len(row)}")
-                label = row[index[spec.label_column]].strip()
-                if label not in spec.labels:
-                    raise DataError(f"{path}:{line}: label {label!r} is not one of {list(spec.labels)}")
-                texts = [row[index[c]].strip() for c in spec.text_columns]
-                if not all(texts):
-                    raise DataError(f"{path}:{line}: empty text")
-                examples.append(ClassificationExample(texts[0], texts[1] if len(texts) > 1 else None, spec.labels.index(label)))
-                if max_examples is not None and len(examples) >= max_examples:
-                    break
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    with open_data(path) as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        needed = (*spec.text_columns, spec.label_column)
+        if header is None or not set(needed) <= set(header):
+            raise DataError(f"{path}:1: expected columns {list(needed)} for {spec.name}, got {header}")
+        index = {c: header.index(c) for c in needed}
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise DataError(f"{path}:{line}: expected {len(header)} tab-separated fields, got {len(row)}")
+            label = row[index[spec.label_column]].strip()
+            if label not in spec.labels:
+                raise DataError(f"{path}:{line}: label {label!r} is not one of {list(spec.labels)}")
+            texts = [row[index[c]].strip() for c in spec.text_columns]
+            if not all(texts):
+                raise DataError(f"{path}:{line}: empty text")
+            examples.append(ClassificationExample(texts[0], texts[1] if len(texts) > 1 else None, spec.labels.index(label)))
+            if max_examples is not None and len(examples) >= max_examples:
+                break
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples

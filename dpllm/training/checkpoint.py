@@ -59,6 +59,13 @@ def _text_to_tensor(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
 
 
+def gather_full_state(model) -> dict:
+    """FSDP2: the unsharded parameters, on the CPU of rank 0 (every rank takes part)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer, accountant, sampler, noise, rows) -> Path:
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + PARTIAL)
@@ -68,9 +75,7 @@ def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer
     env.barrier()
     full_state = None
     if engine == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full_state = gather_full_state(model)
         if getattr(model.config, "tie_word_embeddings", False):
             full_state.pop("lm_head.weight", None)  # stored once, as the embedding, like save_pretrained does
     if engine == "deepspeed":

@@ -267,7 +267,7 @@ def train(config: RunConfig) -> dict:
         "train_seconds": round(time.perf_counter() - started, 1),
     }
     if config.engine == "fsdp":
-        model = _gathered_copy(config, model, env)
+        model = _gathered_copy(config, model, env, objective.num_labels)
     if env.is_main:  # rank 0 evaluates and saves the (replicated or gathered) model
         summary.update(_finish(config, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, end))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -321,14 +321,12 @@ def _fully_shard(model) -> None:
     fully_shard(model)
 
 
-def _gathered_copy(config: RunConfig, model, env):
+def _gathered_copy(config: RunConfig, model, env, num_labels: int | None):
     """The full parameters on rank 0 (every rank takes part in the gather), in an unsharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = checkpoint.gather_full_state(model)
     if not env.is_main:
         return None
-    plain, _ = load_model_and_tokenizer(config.model)
+    plain, _ = load_model_and_tokenizer(config.model, num_labels=num_labels)
     plain.load_state_dict(full)
     return plain
 

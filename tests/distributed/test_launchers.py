@@ -1,51 +1,19 @@
 """The README's multi-process launch commands, 1 process vs 2, on CPU with gloo."""
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-RECIPE = "recipes/e2e/tiny_cpu.yaml"
-OVERRIDES = [
-    "data.max_train_examples=200",
-    "data.max_eval_examples=20",
-    "data.max_length=64",
-    "batch_size=16",
-    "micro_batch_size=8",
-    "eval_every=0",
-    "progress=false",
-    "generation.at_end=false",
-    "generation.every=0",
-    "seed=3",
-    "max_steps=3",
-]
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+from tests.launchers import RECIPE, REPO, TINY, command, env
 
 
 def _launch(kind: str, out: Path, extra: list[str]) -> dict:
-    args = ["--recipe", RECIPE, *OVERRIDES, f"output_dir={out}", *extra]
-    port = _free_port()
-    commands = {
-        "single": [sys.executable, "launch/e2e.py", *args],
-        "deepspeed": [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/e2e.py", "--config", "ds_configs/zero2.json", *args],
-        "fsdp": [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "launch/e2e.py", "--engine", "fsdp", *args],
-        "ddp": [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "launch/e2e.py", "--engine", "ddp", *args],
-    }
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
-    done = subprocess.run(commands[kind], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    args = ["--recipe", RECIPE, *TINY, "max_steps=3", f"output_dir={out}", *extra]
+    done = subprocess.run(command(kind, args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"params": load_file(out / "final/model.safetensors"), "rows": rows, "summary": json.loads((out / "summary.json").read_text())}

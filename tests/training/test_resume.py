@@ -3,9 +3,7 @@
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,46 +14,19 @@ from safetensors.torch import load_file
 from dpllm.config import load_config
 from dpllm.privacy.accounting import compute_epsilon, epsilon_of_history
 from dpllm.training.trainer import train
+from tests.launchers import REPO, TINY, command, env
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 RECIPE = REPO / "recipes/e2e/tiny_cpu.yaml"
-COMMON = [
-    "data.max_train_examples=200",
-    "data.max_eval_examples=20",
-    "data.max_length=64",
-    "batch_size=16",
-    "micro_batch_size=8",
-    "eval_every=0",
-    "progress=false",
-    "generation.at_end=false",
-    "generation.every=0",
-    "seed=3",
-    "privacy.target_epsilon=null",
-    "privacy.noise_multiplier=1.0",
-]
+COMMON = [*TINY, "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"]
 Q, DELTA = 16 / 200, 1 / 400
 
 
 def _command(kind: str, args: list[str]) -> list[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    if kind == "single":
-        return [sys.executable, "launch/e2e.py", "--recipe", str(RECIPE), *args]
-    if kind == "fsdp":
-        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "launch/e2e.py", "--engine", "fsdp",
-                "--recipe", str(RECIPE), *args]
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/e2e.py", "--config",
-            "ds_configs/zero2.json", "--recipe", str(RECIPE), *args]
-
-
-def _env():
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    return command(kind, ["--recipe", str(RECIPE), *args])
 
 
 def _run(kind: str, args: list[str]) -> dict:
-    done = subprocess.run(_command(kind, COMMON + args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_command(kind, COMMON + args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
     return {"params": load_file(out / "final/model.safetensors"), "summary": json.loads((out / "summary.json").read_text())}
@@ -65,7 +36,7 @@ def _run_and_kill_after_first_checkpoint(kind: str, out: Path) -> None:
     """Start a long run that checkpoints every 3 steps; SIGKILL it once step 3 is on disk."""
     args = COMMON + ["max_steps=1000", "checkpoint_every=3", f"output_dir={out}"]
     proc = subprocess.Popen(
-        _command(kind, args), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        _command(kind, args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     latest = out / "checkpoints/latest"
     deadline = time.time() + 300

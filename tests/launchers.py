@@ -1,0 +1,44 @@
+"""The README's launch commands, as subprocess argument lists for tests (CPU, gloo, 2 processes)."""
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RECIPE = "recipes/e2e/tiny_cpu.yaml"
+# A few seconds per step on the embedded model: small data, short sequences, no generation.
+TINY = [
+    "data.max_train_examples=200",
+    "data.max_eval_examples=20",
+    "data.max_length=64",
+    "batch_size=16",
+    "micro_batch_size=8",
+    "eval_every=0",
+    "progress=false",
+    "generation.at_end=false",
+    "generation.every=0",
+    "seed=3",
+]
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def command(kind: str, args: list[str]) -> list[str]:
+    """``kind``: single (python), deepspeed (ZeRO-2, 2 processes), fsdp or ddp (torchrun, 2 processes)."""
+    if kind == "single":
+        return [sys.executable, "launch/e2e.py", *args]
+    port = _free_port()
+    if kind == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/e2e.py",
+                "--config", "ds_configs/zero2.json", *args]
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "launch/e2e.py", "--engine", kind, *args]
+
+
+def env() -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")

@@ -2,10 +2,11 @@
 
     python bench/paper_table.py [--seeds 0,1,2] [--epsilons 3,8] [--qnli DIR] [--out outputs/paper_table]
 
-Every run is recipes/glue/minilm_sst2_cpu.yaml (QNLI: the same settings on the k-shot subset
-folder given with --qnli) with a fixed seed, once without and once with denoising; dev accuracy
-is evaluated every --eval-every steps. Per task and epsilon the script reports, averaged over
-seeds: the best dev accuracy either variant reaches, the steps each needs to reach 90% and 95%
+Every run is recipes/glue/minilm_sst2_cpu.yaml (QNLI: the same settings on the folder given with
+--qnli, a GLUE-layout folder or a k-shot root whose subsets are pooled) with a fixed seed, once
+without and once with denoising; dev accuracy is evaluated at step 0 and every --eval-every
+steps. Per task and epsilon the script reports, averaged over seeds: the accuracy before
+training, the best dev accuracy either variant reaches, the steps each needs to reach 90% and 95%
 of it, the final accuracy, the fraction of matrices denoised, and it plots the per-step cosine
 improvement cos(denoised, clipped) - cos(noisy, clipped). That curve comes from denoise.diagnostics,
 which reads the pre-noise gradient: it is a research measurement, NOT private, and it does not
@@ -27,6 +28,38 @@ from dpllm.config import load_config  # noqa: E402
 from dpllm.training.trainer import train  # noqa: E402
 
 RECIPE = REPO / "recipes/glue/minilm_sst2_cpu.yaml"
+
+
+def qnli_folder(source: Path, out: Path) -> Path:
+    """A GLUE-layout QNLI folder as is, or a pool built from a k-shot root.
+
+    A k-shot root (subfolders such as 512-13/ each holding train/dev/test.tsv drawn from GLUE
+    train, and one shared test.tsv drawn from GLUE dev) is pooled: every subset's train and dev
+    rows, deduplicated by their GLUE index, become train.tsv; the shared test.tsv becomes dev.tsv.
+    One subset alone (1,024 rows) would make a batch of 512 half the data, a sampling rate at
+    which private training learns nothing useful.
+    """
+    if (source / "train.tsv").is_file():
+        return source
+    subsets = sorted(p for p in source.iterdir() if (p / "train.tsv").is_file())
+    if not subsets:
+        raise SystemExit(f"--qnli {source}: neither train.tsv nor subfolders holding one")
+    tests = {(p / "test.tsv").read_bytes() for p in subsets}
+    if len(tests) != 1:
+        raise SystemExit(f"--qnli {source}: the subsets' test.tsv files differ; pass one subset folder instead")
+    header, rows = None, {}
+    for subset in subsets:
+        for name in ("train.tsv", "dev.tsv"):
+            lines = (subset / name).read_text(encoding="utf-8").splitlines()
+            header = header or lines[0]
+            for line in lines[1:]:
+                rows.setdefault(line.split("\t", 1)[0], line)
+    pool = out / "qnli_pool"
+    pool.mkdir(parents=True, exist_ok=True)
+    (pool / "train.tsv").write_text("\n".join([header, *rows.values()]) + "\n", encoding="utf-8")
+    (pool / "dev.tsv").write_bytes(tests.pop())
+    print(f"QNLI pool: {len(rows)} training rows from {len(subsets)} subsets; dev = their shared test.tsv")
+    return pool
 
 
 def run(task: str, data: str, epsilon: float, seed: int, denoise: bool, args) -> list[dict]:
@@ -53,26 +86,27 @@ def main() -> None:
     parser.add_argument("--epsilons", default="3,8")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--qnli", help="a QNLI folder (train.tsv, dev.tsv), e.g. a k-shot subset")
+    parser.add_argument("--qnli", type=Path, help="a QNLI folder (train.tsv, dev.tsv), or a k-shot root to pool")
     parser.add_argument("--out", default="outputs/paper_table")
     parser.add_argument("--override", nargs="*", default=[], help="extra recipe overrides for every run")
     args = parser.parse_args()
-    tasks = [("sst2", str(REPO / "assets/data/glue/SST-2"))] + ([("qnli", args.qnli)] if args.qnli else [])
+    tasks = [("sst2", str(REPO / "assets/data/glue/SST-2"))] + ([("qnli", str(qnli_folder(args.qnli, Path(args.out))))] if args.qnli else [])
     seeds = [int(s) for s in args.seeds.split(",")]
-    lines = ["| task | epsilon | variant | best acc | steps to 90% | steps to 95% | final acc | fraction denoised |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | epsilon | variant | acc at step 0 | best acc | steps to 90% | steps to 95% | final acc | fraction denoised |",
+             "|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for task, data in tasks:
         for eps in (float(e) for e in args.epsilons.split(",")):
             runs = {v: [run(task, data, eps, s, v == "denoised", args) for s in seeds] for v in ("baseline", "denoised")}
             for variant, per_seed in runs.items():
-                s90, s95, final, best_list, frac = [], [], [], [], []
+                s90, s95, start, final, best_list, frac = [], [], [], [], [], []
                 for seed_index, rows in enumerate(per_seed):
                     other = runs["denoised" if variant == "baseline" else "baseline"][seed_index]
                     best = max(r.get("eval_accuracy", 0) for r in rows + other)
                     s90.append(steps_to(rows, 0.9 * best))
                     s95.append(steps_to(rows, 0.95 * best))
                     evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
+                    start.append(evals[0])
                     final.append(evals[-1])
                     best_list.append(max(evals))
                     frac += [r["denoised_fraction"] for r in rows if "denoised_fraction" in r]
@@ -84,7 +118,7 @@ def main() -> None:
                     return f"{statistics.mean(reached):.1f} ({len(reached)}/{len(xs)} seeds)" if reached else "not reached"
 
                 lines.append(
-                    f"| {task} | {eps:g} | {variant} | {statistics.mean(best_list):.3f} | {mean_steps(s90)} | {mean_steps(s95)} | "
+                    f"| {task} | {eps:g} | {variant} | {statistics.mean(start):.3f} | {statistics.mean(best_list):.3f} | {mean_steps(s90)} | {mean_steps(s95)} | "
                     f"{statistics.mean(final):.3f} | {statistics.mean(frac) if frac else 0:.3f} |"
                 )
     table = "\n".join(lines)

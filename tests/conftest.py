@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -43,6 +45,29 @@ def tiny_batch(vocab=96, lengths=(10, 7, 10, 4), prompt=3, seed=1):
         ids = torch.randint(1, vocab, (n,), generator=g).tolist()
         examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return collate(examples, pad_id=0)
+
+
+def save_tiny_bert(path: Path, sst2: Path, seed: int = 0, dropout: float = 0.0) -> Path:
+    """A random 2-layer BERT classifier with a word-level vocabulary from SST-2 rows, saved at ``path``.
+
+    Dropout is off unless asked for: its masks come from each process's generator, so runs on
+    different world sizes would differ for that reason alone."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from dpllm.tasks import glue
+
+    path.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for e in glue.load("sst2", sst2, "train", 300) for w in e.text_a.split()})
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(autouse=True)

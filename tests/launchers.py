@@ -29,15 +29,15 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def command(kind: str, args: list[str]) -> list[str]:
+def command(kind: str, args: list[str], script: str = "launch/e2e.py") -> list[str]:
     """``kind``: single (python), deepspeed (ZeRO-2, 2 processes), fsdp or ddp (torchrun, 2 processes)."""
     if kind == "single":
-        return [sys.executable, "launch/e2e.py", *args]
+        return [sys.executable, script, *args]
     port = _free_port()
     if kind == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/e2e.py",
+        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, script,
                 "--config", "ds_configs/zero2.json", *args]
-    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "launch/e2e.py", "--engine", kind, *args]
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, script, "--engine", kind, *args]
 
 
 def env() -> dict:

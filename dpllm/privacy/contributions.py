@@ -116,7 +116,7 @@ def inner(a: Contribution, b: Contribution, cache: dict | None = None) -> Tensor
     if isinstance(a, Dense) and isinstance(b, Dense):
         return (a.value * b.value).flatten(1).sum(1)
     if isinstance(a, Outer) and isinstance(b, Outer):
-        return torch.einsum("bts,bts->b", _left_gram(a, b), _right_gram(a, b, cache))
+        return (_left_gram(a, b) * _right_gram(a, b, cache)).sum((1, 2))  # einsum would copy both to bmm them
     outer, dense = (a, b) if isinstance(a, Outer) else (b, a)
     # <sum_t l_t r_t^T, P> = sum_t l_t^T P r_t
     if outer.onehot_dim is None:

@@ -107,7 +107,7 @@ def _load_hub(spec: GlueTask, name: str, split: str, max_examples: int | None) -
 
 def encode(example: ClassificationExample, tokenizer, max_length: int) -> tuple[dict, bool]:
     """Token ids (and token types for pairs) of the example, truncated to ``max_length``."""
-    enc = tokenizer(example.text_a, example.text_b)
+    enc = tokenizer(example.text_a, example.text_b, verbose=False)  # no over-length warning: truncation follows
     truncated = len(enc["input_ids"]) > max_length
     if truncated:  # the tokenizer's own pair truncation (longest first) keeps both special-token frames
         enc = tokenizer(example.text_a, example.text_b, truncation=True, max_length=max_length)

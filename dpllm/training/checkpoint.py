@@ -6,6 +6,7 @@ A checkpoint is a folder ``checkpoints/step_{N}`` holding everything the next st
     sharded/        model and optimizer state in torch.distributed.checkpoint form (one process,
                     torchrun ddp and FSDP2: each rank writes its own shards)
     optim_rank{r}.pt  DeepSpeed's ZeRO optimizer partition of rank r (fp32 master weights included)
+    rng_rank{r}.pt  rank r's torch generator states (CPU and CUDA), which draw dropout masks
     state.json      step, accountant history, sampler generator state, noise seed (not in
                     secure mode: a resumed secure run draws fresh seeds), metrics rows so far
 
@@ -78,6 +79,7 @@ def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer
         full_state = gather_full_state(model)
         if getattr(model.config, "tie_word_embeddings", False):
             full_state.pop("lm_head.weight", None)  # stored once, as the embedding, like save_pretrained does
+    torch.save(_generator_states(), tmp / f"rng_rank{env.rank}.pt")
     if engine == "deepspeed":
         torch.save(optimizer.state_dict(), tmp / f"optim_rank{env.rank}.pt")
     else:
@@ -136,6 +138,7 @@ def load(path: Path, *, env, engine: str, model, optimizer, accountant, sampler,
         loaded = {"model": model_state, "optim": optim_state}
         dcp.load(loaded, checkpoint_id=path / "sharded", no_dist=not env.distributed)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    _set_generator_states(torch.load(path / f"rng_rank{env.rank}.pt"))
     if accountant is not None and state["accountant"] is not None:
         accountant.load_state_dict(state["accountant"])
     if state["sampler"] is not None and not sampler.secure:
@@ -143,3 +146,14 @@ def load(path: Path, *, env, engine: str, model, optimizer, accountant, sampler,
     if noise is not None and state["noise"] is not None and not noise.secure:
         noise.load_state_dict(state["noise"])
     return state
+
+
+def _generator_states() -> dict:
+    """Torch's default generators: they draw dropout masks, which a resumed run must repeat."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_generator_states(states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])

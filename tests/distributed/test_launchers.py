@@ -8,12 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import save_tiny_bert
 from tests.launchers import RECIPE, REPO, TINY, command, env
 
 
-def _launch(kind: str, out: Path, extra: list[str]) -> dict:
-    args = ["--recipe", RECIPE, *TINY, "max_steps=3", f"output_dir={out}", *extra]
-    done = subprocess.run(command(kind, args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+def _launch(kind: str, out: Path, extra: list[str], recipe=("--recipe", RECIPE, *TINY), script="launch/e2e.py") -> dict:
+    args = [*recipe, "max_steps=3", f"output_dir={out}", *extra]
+    done = subprocess.run(command(kind, args, script), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"params": load_file(out / "final/model.safetensors"), "rows": rows, "summary": json.loads((out / "summary.json").read_text())}
@@ -41,3 +42,23 @@ def test_two_processes_match_one(tmp_path, denoise):
         assert max(expected) > 0  # some matrix was denoised, so the sharded path did real work
         for kind in kinds:
             assert [r["denoised_fraction"] for r in runs[kind]["rows"] if "denoised_fraction" in r] == expected
+
+
+@pytest.mark.slow
+def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path):
+    """launch/glue.py under torchrun + FSDP2: same parameters as one process, classification head included."""
+    sst2 = REPO / "assets/data/glue/SST-2"
+    recipe = [
+        "--recipe", "recipes/glue/minilm_sst2_cpu.yaml", f"model.name_or_path={save_tiny_bert(tmp_path / 'bert', sst2)}",
+        "model.freeze=[]", f"data.train_file={sst2}", f"data.eval_file={sst2}", "data.max_train_examples=200",
+        "data.max_eval_examples=40", "batch_size=32", "micro_batch_size=8", "eval_every=0", "progress=false", "seed=3",
+    ]
+    runs = {kind: _launch(kind, tmp_path / kind, ["denoise.enabled=true"], recipe, "launch/glue.py") for kind in ("single", "fsdp")}
+    single, fsdp = runs["single"], runs["fsdp"]
+    assert fsdp["summary"]["world_size"] == 2 and fsdp["summary"]["epsilon"] == single["summary"]["epsilon"]
+    assert fsdp["summary"]["eval_accuracy_after"] == single["summary"]["eval_accuracy_after"]
+    assert set(fsdp["params"]) == set(single["params"]) and "classifier.weight" in single["params"]
+    initial = load_file(tmp_path / "bert/model.safetensors")
+    assert (single["params"]["classifier.weight"] - initial["classifier.weight"]).abs().max() > 1e-4  # the head trained
+    for name, value in single["params"].items():
+        torch.testing.assert_close(fsdp["params"][name], value, rtol=0, atol=1e-5, msg=name)

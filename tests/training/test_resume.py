@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from dpllm.config import load_config
 from dpllm.privacy.accounting import compute_epsilon, epsilon_of_history
 from dpllm.training.trainer import train
+from tests.conftest import save_tiny_bert
 from tests.launchers import REPO, TINY, command, env
 
 RECIPE = REPO / "recipes/e2e/tiny_cpu.yaml"
@@ -63,6 +64,22 @@ def test_kill_and_resume_gives_the_straight_run(tmp_path, kind):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # the log continues, no gap or repeat
     saved = load_file(tmp_path / "killed/checkpoints/step_3/model/model.safetensors")  # HF form, every engine
     assert set(saved) == set(straight["params"])
+
+
+def test_resume_restores_the_dropout_generator(tmp_path):
+    """A BERT classifier with dropout resumed from step 2 ends where the straight run ends."""
+    sst2 = REPO / "assets/data/glue/SST-2"
+    common = [
+        f"model.name_or_path={save_tiny_bert(tmp_path / 'bert', sst2, dropout=0.1)}", "model.freeze=[]",
+        f"data.train_file={sst2}", f"data.eval_file={sst2}", "data.max_train_examples=200", "data.max_eval_examples=20",
+        "batch_size=16", "micro_batch_size=8", "eval_every=0", "progress=false", "max_steps=4", "checkpoint_every=2",
+    ]
+    recipe = REPO / "recipes/glue/minilm_sst2_cpu.yaml"
+    train(load_config(recipe, [*common, f"output_dir={tmp_path / 'straight'}"]))
+    train(load_config(recipe, [*common, f"resume={tmp_path / 'straight/checkpoints/step_2'}", f"output_dir={tmp_path / 'resumed'}"]))
+    straight, resumed = (load_file(tmp_path / f"{run}/final/model.safetensors") for run in ("straight", "resumed"))
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_budget_guard_stops_at_the_last_step_within_the_target(tmp_path):

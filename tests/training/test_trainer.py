@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from dpllm.config import load_config
 from dpllm.privacy.accounting import compute_epsilon
 from dpllm.training.trainer import train
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_bert, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = REPO / "assets/models/stories260K"
@@ -156,22 +156,11 @@ def test_truncations_are_counted_and_a_large_delta_warns(tmp_path, local_models,
 
 def test_glue_classification_run_on_a_local_bert(tmp_path):
     """The same loop trains a BERT sequence classifier privately and reports dev accuracy."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    from dpllm.tasks import glue
-
-    vocab = tmp_path / "vocab.txt"
-    words = sorted({w for e in glue.load("sst2", REPO / "assets/data/glue/SST-2", "train", 300) for w in e.text_a.split()})
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
-    tok.save_pretrained(tmp_path / "bert")
+    bert = save_tiny_bert(tmp_path / "bert", REPO / "assets/data/glue/SST-2")
     config = load_config(
         REPO / "recipes/glue/minilm_sst2_cpu.yaml",
         [
-            f"model.name_or_path={tmp_path / 'bert'}",
+            f"model.name_or_path={bert}",
             "model.freeze=[]",
             f"data.train_file={REPO / 'assets/data/glue/SST-2'}",
             f"data.eval_file={REPO / 'assets/data/glue/SST-2'}",

@@ -9,8 +9,7 @@ Per transformer layer, in one process:
     ``--logical-batch`` sequences of ``--seq`` tokens (denoising runs once per logical batch,
     the forward/backward once per token);
   * denoise: the layer's seven projection gradients (rank-8 signal + noise) denoised with
-    one batched SVD per shape, "full" (torch.linalg.svd) and "partial" (randomized subspace
-    iteration).
+    one batched SVD per shape, "full" (torch.linalg.svd) and "partial" (block Lanczos).
 The fraction printed is denoise / (step + denoise). No weights are downloaded: the models
 are built from their published shapes with random weights.
 """

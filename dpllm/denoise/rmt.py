@@ -113,9 +113,9 @@ def rmt_denoise_batched(
 ) -> tuple[Tensor, Tensor]:
     """Denoise a stack (k, m, n) of same-shape matrices with one batched SVD.
 
-    ``method``: "full" (torch.linalg.svd), "partial" (top-k by randomized subspace iteration,
-    k grown until the smallest singular value found is below the threshold), or "auto"
-    (partial where it pays: large matrices on a GPU). Returns (denoised, kept
+    ``method``: "full" (torch.linalg.svd), "partial" (block Lanczos, run until every singular
+    value above the threshold has converged and none can be missing), or "auto" (partial
+    from a few hundred rows and columns, where it is faster). Returns (denoised, kept
     ranks); computed in fp32 (fp64 for fp64 inputs) and returned in the input dtype.
     """
     _check(noise_std, kappa, norm_correction)
@@ -128,7 +128,7 @@ def rmt_denoise_batched(
     work = noisy.to(torch.promote_types(noisy.dtype, torch.float32))
     m, n = work.shape[-2:]
     if method == "auto":
-        method = "partial" if partial_pays(m, n, work.device) else "full"
+        method = "partial" if partial_pays(m, n) else "full"
     if method == "full":
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
     elif method == "partial":

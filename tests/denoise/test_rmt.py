@@ -153,6 +153,60 @@ def test_partial_grows_its_block_for_many_spikes():
     assert ((part - full).norm() / full.norm()).item() < 1e-4
 
 
+def theta_for_outlier(y, s, m, n):
+    """The signal value whose outlier lands at y (bisection on the outlier formula)."""
+    lo, hi = s * (m * n) ** 0.25, 100 * s * (m * n) ** 0.25
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if outlier(mid, s, m, n) < y else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("m,n", [(256, 256), (768, 256), (256, 1024)])
+def test_partial_agrees_with_full_when_a_spike_sits_at_the_threshold(m, n):
+    """The hard case for an iterative SVD: an outlier within a few percent of the threshold, on
+    either side, must be found (or not) exactly as the full SVD finds it."""
+    g = torch.Generator().manual_seed(10)
+    tau = threshold(1.0, m, n)
+    for position in torch.linspace(0.99, 1.05, 16).tolist():
+        _, y = spiked(m, n, [theta_for_outlier(position * tau, 1.0, m, n)], 1.0, g)
+        full, rf = rmt_denoise_batched(y[None], 1.0, method="full")
+        part, rp = rmt_denoise_batched(y[None], 1.0, method="partial")
+        assert rf.item() == rp.item(), position
+        assert ((part - full).norm() / full.norm()).item() < 1e-4
+
+
+def test_partial_converges_for_a_wide_range_of_spikes(monkeypatch):
+    """In fp32, a top spike 1000x the critical value leaves a rounding floor in the residuals of the
+    small ones; the iteration must stop there (not fall back to a full SVD) and still agree."""
+    g = torch.Generator().manual_seed(11)
+    m, n = 768, 512
+    crit = (m * n) ** 0.25
+    _, y = spiked(m, n, [1000 * crit, 3 * crit, 1.5 * crit], 1.0, g)
+    full, rf = rmt_denoise_batched(y[None], 1.0, method="full")
+    shapes = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, **kw: shapes.append(tuple(a.shape)) or svd(a, **kw))
+    part, rp = rmt_denoise_batched(y[None], 1.0, method="partial")
+    assert rf.item() == rp.item() == 3
+    assert ((part - full).norm() / full.norm()).item() < 1e-4
+    assert shapes and all(shape[-1] < n // 2 for shape in shapes)  # only the small Rayleigh-Ritz SVD ran
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [torch.zeros(512, 512), torch.ones(600, 300), torch.randn(512, 5) @ torch.randn(5, 400)],
+    ids=["zero", "rank1", "rank5"],
+)
+def test_partial_handles_exhausted_krylov_spaces(matrix):
+    """A rank below the block size leaves nothing new to explore after one step."""
+    s = 1e-3
+    full, rf = rmt_denoise_batched(matrix[None], s, method="full")
+    part, rp = rmt_denoise_batched(matrix[None], s, method="partial")
+    assert torch.isfinite(part).all() and rf.item() == rp.item()
+    assert (part - full).norm() <= 1e-4 * full.norm() + 1e-6
+
+
 @pytest.mark.parametrize(
     "matrix",
     [

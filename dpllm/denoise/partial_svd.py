@@ -27,6 +27,7 @@ from torch import Tensor
 
 MIN_DIM_FOR_PARTIAL = 384
 ROUNDING_SLACK = 64
+INITIAL_BLOCKS = 24
 
 
 def partial_pays(m: int, n: int) -> bool:
@@ -64,15 +65,18 @@ def top_singular_triplets(
     if 2 * block > max_cols:
         return torch.linalg.svd(a, full_matrices=False)
     dtype, device = a.dtype, a.device
-    basis = torch.zeros(k, n, max_cols, dtype=dtype, device=device)
-    a_basis = torch.zeros(k, m, max_cols, dtype=dtype, device=device)  # A V
-    ata_basis = torch.zeros(k, n, max_cols, dtype=dtype, device=device)  # A^T A V
+    capacity = min(INITIAL_BLOCKS * block, max_cols)  # grown when needed: most stacks stop near 16 blocks
+    basis = torch.zeros(k, n, capacity, dtype=dtype, device=device)
+    a_basis = torch.zeros(k, m, capacity, dtype=dtype, device=device)  # A V
+    ata_basis = torch.zeros(k, n, capacity, dtype=dtype, device=device)  # A^T A V
     gen = torch.Generator(device=device).manual_seed(seed)
     v = torch.linalg.qr(torch.randn(k, n, block, dtype=dtype, device=device, generator=gen)).Q
     log_bound = math.log(1.648 * math.sqrt(n)) - math.log(miss_probability) / block
     cols = 0
     while True:
         end = cols + block
+        if end > basis.shape[-1]:
+            basis, a_basis, ata_basis = (_doubled(t, max_cols) for t in (basis, a_basis, ata_basis))
         basis[:, :, cols:end] = v
         a_basis[:, :, cols:end] = a @ v
         # A^T (A V) as ((A V)^T A)^T: batched products with a transposed A are several times slower
@@ -85,6 +89,12 @@ def top_singular_triplets(
         v = _orthonormal_complement(ata_basis[:, :, cols - block : cols], basis[:, :, :cols])
     w, s, xh = torch.linalg.svd(a_basis[:, :, :cols], full_matrices=False)  # Rayleigh-Ritz: A V = W S X^T
     return w, s, xh @ basis[:, :, :cols].transpose(-2, -1)
+
+
+def _doubled(buffer: Tensor, max_cols: int) -> Tensor:
+    bigger = buffer.new_zeros(*buffer.shape[:-1], min(2 * buffer.shape[-1], max_cols))
+    bigger[..., : buffer.shape[-1]] = buffer
+    return bigger
 
 
 def _converged(basis: Tensor, ata_basis: Tensor, threshold: float, block: int, rtol: float, log_bound: float) -> bool:

@@ -154,15 +154,6 @@ def test_partial_finds_many_spikes_growing_its_krylov_space(monkeypatch):
     assert ((part - full).norm() / full.norm()).item() < 1e-4
 
 
-def theta_for_outlier(y, s, m, n):
-    """The signal value whose outlier lands at y (bisection on the outlier formula)."""
-    lo, hi = s * (m * n) ** 0.25, 100 * s * (m * n) ** 0.25
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if outlier(mid, s, m, n) < y else (lo, mid)
-    return lo
-
-
 @pytest.mark.parametrize("m,n", [(256, 256), (768, 256), (256, 1024)])
 def test_partial_agrees_with_full_when_a_spike_sits_at_the_threshold(m, n):
     """The hard case for an iterative SVD: an outlier within a few percent of the threshold, on
@@ -170,7 +161,8 @@ def test_partial_agrees_with_full_when_a_spike_sits_at_the_threshold(m, n):
     g = torch.Generator().manual_seed(10)
     tau = threshold(1.0, m, n)
     for position in torch.linspace(0.99, 1.05, 16).tolist():
-        _, y = spiked(m, n, [theta_for_outlier(position * tau, 1.0, m, n)], 1.0, g)
+        theta = signal_from_outlier(torch.tensor(position * tau, dtype=torch.float64), 1.0, m, n).item()
+        _, y = spiked(m, n, [theta], 1.0, g)
         full, rf = rmt_denoise_batched(y[None], 1.0, method="full")
         part, rp = rmt_denoise_batched(y[None], 1.0, method="partial")
         assert rf.item() == rp.item(), position

@@ -156,7 +156,7 @@ def test_truncations_are_counted_and_a_large_delta_warns(tmp_path, local_models,
 
 def test_glue_classification_run_on_a_local_bert(tmp_path):
     """The same loop trains a BERT sequence classifier privately and reports dev accuracy."""
-    bert = save_tiny_bert(tmp_path / "bert", REPO / "assets/data/glue/SST-2")
+    bert = save_tiny_bert(tmp_path / "bert", REPO / "assets/data/glue/SST-2", dropout=0.1)
     config = load_config(
         REPO / "recipes/glue/minilm_sst2_cpu.yaml",
         [

@@ -122,6 +122,7 @@ class DenoiseConfig:
     exclude: list[str] = field(default_factory=list)
     lora: bool = False  # also denoise LoRA A/B matrices
     every: int = 1  # denoise on every k-th step
+    start: int = 0  # first step (0-based) to denoise, e.g. to let Adam's moment estimates warm up first
     method: str = "auto"  # full | partial | auto
     diagnostics: bool = False  # logs cosines to the pre-noise gradient: NOT private, research only
 
@@ -129,6 +130,7 @@ class DenoiseConfig:
         _require(self.kappa > 0, "denoise.kappa", "must be > 0")
         _require(self.norm_correction in NORM_CORRECTIONS, "denoise.norm_correction", f"must be one of {NORM_CORRECTIONS}")
         _require(self.every >= 1, "denoise.every", "must be >= 1")
+        _require(self.start >= 0, "denoise.start", "must be >= 0")
         _require(self.method in ("full", "partial", "auto"), "denoise.method", "must be full, partial or auto")
 
     def options(self) -> dict:

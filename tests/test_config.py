@@ -44,6 +44,7 @@ def test_overrides_are_typed():
         ("log_every=7", "eval_every: must be a multiple of log_every"),
         ("denoise.norm_correction=max", "denoise.norm_correction"),
         ("denoise.method=lanczos", "denoise.method"),
+        ("denoise.start=-1", "denoise.start: must be >= 0"),
     ],
 )
 def test_bad_config_names_the_key(override, match):

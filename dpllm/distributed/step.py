@@ -113,12 +113,11 @@ class ShardedPrivateStep(PrivateStep):
                 dist.reduce(g, dst=self.owners[name])
 
     def add_noise(self) -> None:
-        for name, g in self._grads.items():
-            if self.owners[name] == self.env.rank:
-                g.add_(self.noise.sample(self.step_index, name, g).to(g.dtype))
+        owned = {name: g for name, g in self._grads.items() if self.owners[name] == self.env.rank}
+        self.noise.add_(self.step_index, owned)
 
     def denoise(self) -> dict:
-        if not self.denoising or self.step_index % self.denoise_every:
+        if not self.denoising or not self._denoise_due():
             return {}
         local = [0.0, 0.0, 0.0]
         if self.denoiser is not None:

@@ -1,8 +1,11 @@
-"""Gaussian noise for the clipped sum, from per-parameter streams.
+"""Gaussian noise for the clipped sum, from counter-keyed streams.
 
-Each parameter's noise at step ``t`` comes from its own generator seeded by
-hash(base seed, step, parameter name), so the noise does not depend on the order parameters
-are visited, on gradient accumulation, or (later) on how parameters are sharded over ranks.
+Each parameter's noise at step ``t`` is drawn in chunks of ``CHUNK`` entries, chunk ``k`` from
+its own generator seeded by hash(base seed, step, parameter name, k). The noise therefore
+does not depend on the order parameters are visited, on gradient accumulation, on how
+parameters are sharded over ranks, or on how many threads draw the chunks: on CPU, where
+torch's sampler is single-threaded, chunks are drawn in parallel into small reused buffers,
+so the stage neither waits on one core nor holds a parameter-sized noise tensor.
 
 Secure mode draws the base seed from ``os.urandom`` and never exposes it. Floating-point
 Gaussian samplers are not exactly Gaussian (finite precision; see Mironov 2012 on such
@@ -13,9 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+
+CHUNK = 1 << 20  # entries per stream
+# On CPU a stream is drawn and added SERIAL_SLICE entries at a time: element-wise ops on fewer
+# entries than torch's grain size (32768) stay on the calling thread, so the drawing threads
+# never start OpenMP teams of their own, and each thread's buffer is small and stays in cache.
+SERIAL_SLICE = 1 << 15
 
 
 class GaussianNoise:
@@ -31,20 +42,77 @@ class GaussianNoise:
         self.std = noise_multiplier * max_grad_norm
         self.secure = secure
         self._seed = int.from_bytes(os.urandom(8), "little") if secure else int(seed)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_width = 0
 
     def share_seed(self, broadcast) -> None:
         """Make every rank use rank 0's seed; ``broadcast(value) -> rank 0's value``. The seed is never logged."""
         self._seed = int(broadcast(self._seed))
 
-    def generator(self, step: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
-        digest = hashlib.blake2b(f"{self._seed}:{step}:{name}".encode(), digest_size=8).digest()
-        return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    def _stream_seed(self, step: int, name: str, chunk: int) -> int:
+        digest = hashlib.blake2b(f"{self._seed}:{step}:{name}:{chunk}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)
+
+    def add_(self, step: int, targets: dict[str, Tensor], workers: int | None = None) -> None:
+        """``targets[name] += N(0, std^2)`` per entry, in place, drawn in fp32 at least.
+
+        ``workers``: threads drawing CPU chunks (default: torch's intra-op thread count); the
+        result is the same for any number.
+        """
+        jobs = []
+        for name, target in targets.items():
+            if not target.is_contiguous():  # draw into a contiguous copy of its shape, then add
+                target.add_(self.sample(step, name, target))
+                continue
+            flat = target.view(-1)
+            for k, start in enumerate(range(0, flat.numel(), CHUNK)):
+                jobs.append((self._stream_seed(step, name, k), flat[start : start + CHUNK]))
+        if not jobs:
+            return
+        largest = max(target.numel() for _, target in jobs)
+        if jobs[0][1].device.type != "cpu":
+            slot = self._slot(jobs[0][1], largest)
+            for job in jobs:
+                self._draw_and_add(slot, job)
+            return
+        width = max(1, workers or torch.get_num_threads())
+        slots = queue.SimpleQueue()
+        for _ in range(min(width, len(jobs))):
+            slots.put(self._slot(jobs[0][1], min(largest, SERIAL_SLICE)))  # buffers made here; workers only fill them
+
+        def run(job):
+            slot = slots.get()
+            self._draw_and_add(slot, job)
+            slots.put(slot)
+
+        jobs.sort(key=lambda job: -job[1].numel())  # largest first balances the threads
+        list(self._threads(width).map(run, jobs))
+
+    def _draw_and_add(self, slot: tuple[torch.Generator, Tensor], job: tuple[int, Tensor]) -> None:
+        """target += std * (standard normals from the job's stream), one buffer-full at a time."""
+        generator, buffer = slot
+        seed, target = job
+        generator.manual_seed(seed)
+        for start in range(0, target.numel(), buffer.numel()):
+            piece = target[start : start + buffer.numel()]
+            drawn = buffer[: piece.numel()].normal_(generator=generator)
+            piece.add_(drawn, alpha=self.std)
+
+    def _slot(self, like: Tensor, size: int) -> tuple[torch.Generator, Tensor]:
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return torch.Generator(device=like.device), torch.empty(size, dtype=dtype, device=like.device)
+
+    def _threads(self, width: int) -> ThreadPoolExecutor:
+        if self._pool_width != width:
+            self._pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="dp-noise")
+            self._pool_width = width
+        return self._pool
 
     def sample(self, step: int, name: str, like: Tensor) -> Tensor:
-        """N(0, std^2) noise shaped like ``like`` (drawn in fp32 at least)."""
-        dtype = torch.promote_types(like.dtype, torch.float32)
-        gen = self.generator(step, name, like.device)
-        return torch.randn(like.shape, generator=gen, dtype=dtype, device=like.device) * self.std
+        """The noise ``add_`` would add to a tensor shaped like ``like`` (fp32 at least)."""
+        out = torch.zeros(like.shape, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device)
+        self.add_(step, {name: out})
+        return out
 
     def state_dict(self) -> dict:
         if self.secure:

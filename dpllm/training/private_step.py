@@ -39,12 +39,13 @@ class PrivateStep:
         strategy: str = "auto",
         denoiser_options: dict | None = None,
         denoise_every: int = 1,
+        denoise_start: int = 0,
         diagnostics: bool = False,
         clipper_options: dict | None = None,
     ) -> None:
         """``denoiser_options`` (GradientDenoiser keywords) turns denoising on, every ``denoise_every``
-        steps. ``diagnostics`` logs cosines to the clipped (pre-noise) gradient: NOT private.
-        ``clipper_options``: further PerSampleClipper keywords."""
+        steps from step ``denoise_start`` (0-based) on. ``diagnostics`` logs cosines to the clipped
+        (pre-noise) gradient: NOT private. ``clipper_options``: further PerSampleClipper keywords."""
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0 for a private step, got {noise_multiplier}")
         if not expected_batch_size > 0:
@@ -66,7 +67,9 @@ class PrivateStep:
         self.denoiser = GradientDenoiser(named, **denoiser_options) if denoiser_options is not None else None
         if denoise_every < 1:
             raise ValueError(f"denoise_every must be >= 1, got {denoise_every}")
-        self.denoise_every = denoise_every
+        if denoise_start < 0:
+            raise ValueError(f"denoise_start must be >= 0, got {denoise_start}")
+        self.denoise_every, self.denoise_start = denoise_every, denoise_start
         self.diagnostics = diagnostics
         self._reset_stats()
 
@@ -91,12 +94,16 @@ class PrivateStep:
         for p in self.parameters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.add_(self.noise.sample(self.step_index, self.clipper.names[p], p).to(p.dtype))
+        self.noise.add_(self.step_index, {self.clipper.names[p]: p.grad for p in self.parameters})
 
     def denoise(self) -> dict:
-        if self.denoiser is None or self.step_index % self.denoise_every:
+        if self.denoiser is None or not self._denoise_due():
             return {}
         return self.denoiser(self.noise.std).as_log()
+
+    def _denoise_due(self) -> bool:
+        since = self.step_index - self.denoise_start
+        return since >= 0 and since % self.denoise_every == 0
 
     def average(self) -> None:
         for p in self.parameters:

@@ -136,6 +136,7 @@ def train(config: RunConfig) -> dict:
             accountant=accountant,
             denoiser_options=config.denoise.options() if config.denoise.enabled else None,
             denoise_every=config.denoise.every,
+            denoise_start=config.denoise.start,
             diagnostics=config.denoise.diagnostics,
         )
         if config.engine == "single":

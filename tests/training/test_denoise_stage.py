@@ -58,7 +58,12 @@ def test_denoise_every_k_steps_and_bad_values():
     step = make_step(model, denoiser_options={}, denoise_every=2)
     logs = [step.step() for _ in range(4)]
     assert ["denoised_fraction" in s for s in logs] == [True, False, True, False]
+    late = make_step(model, denoiser_options={}, denoise_every=2, denoise_start=3)
+    logs = [late.step() for _ in range(6)]
+    assert ["denoised_fraction" in s for s in logs] == [False, False, False, True, False, True]
     with pytest.raises(ValueError, match="no 2-D parameter"):
         make_step(model, denoiser_options=dict(include=["*nothing*"]))
     with pytest.raises(ValueError, match="denoise_every"):
         make_step(model, denoiser_options={}, denoise_every=0)
+    with pytest.raises(ValueError, match="denoise_start"):
+        make_step(model, denoiser_options={}, denoise_start=-1)

@@ -106,11 +106,20 @@ def test_generation_scores_during_and_after_training(tmp_path, local_models):
 
 
 def test_training_reduces_eval_loss_on_real_pretrained_model(tmp_path):
-    """The embedded pretrained Llama learns E2E under epsilon 8 in a handful of steps."""
+    """The embedded pretrained Llama learns E2E under epsilon 8 in a handful of steps.
+
+    At this learning rate and batch the drop is 0.87-1.19 over seeds 0, 1, 5, 7, 9, 11; at
+    lr 0.005 and batch 32 it ranged 0.07-0.94 with the noise draw, too wide for a threshold.
+    """
     _, summary = run(
-        tmp_path, REPO / "assets/models/stories260K", "max_steps=12", "optim.lr=0.005", "data.max_train_examples=400", "batch_size=32"
+        tmp_path,
+        REPO / "assets/models/stories260K",
+        "max_steps=12",
+        "optim.lr=0.002",
+        "data.max_train_examples=1000",
+        "batch_size=64",
     )
-    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.3
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
 
 
 def test_lora_run(tmp_path, local_models):

@@ -1,11 +1,11 @@
 """Time and peak memory of a private step vs a non-private step vs Opacus ghost clipping.
 
     pip install -r requirements-bench.txt
-    python bench/step_overhead.py [--steps 20] [--configs short,long] [--device cpu|cuda]
+    python bench/step_overhead.py [--steps 20] [--configs short,long] [--device cpu|cuda] [--memory-runs 3]
 
 All variants run on identically initialised models with the same batch; step times are
 medians with the variants stepped in turn (so machine noise hits all alike), peak memory is
-measured in a fresh process per variant:
+measured in fresh processes, one variant each:
   non-private   forward, mean loss backward, AdamW step
   dpllm         forward, PerSampleClipper (ghost norms, one backward), noise, AdamW step
   opacus-ghost  Opacus 1.6 grad_sample_mode="ghost" (two backward passes), same optimizer
@@ -14,7 +14,8 @@ Opacus has no per-sample rule for Hugging Face's LlamaRMSNorm, so in the Opacus 
 all three variants freeze the RMSNorm weights (they are < 0.1% of the parameters); the
 dpllm vs non-private ratios are also reported with everything trainable.
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the process's peak resident
-memory (VmHWM) above what it held before the model was built.
+memory (VmHWM) above what it held before the model was built. CPU readings vary by ~15 MB from
+process to process, so each variant's peak is the median over ``--memory-runs`` fresh processes.
 """
 
 from __future__ import annotations
@@ -161,12 +162,13 @@ def interleaved_times(variants: list[str], cfg: dict, steps: int, device: str, f
     return {v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}
 
 
-def peak_memory(variant, name, device, freeze_norms) -> float:
+def peak_memory(variant, name, device, freeze_norms, runs: int) -> float:
+    """Median peak memory (MB) of ``variant`` over ``runs`` fresh worker processes."""
     cmd = [sys.executable, __file__, "--worker", variant, "--configs", name, "--steps", "3", "--device", device]
     if freeze_norms:
         cmd.append("--freeze-norms")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    peaks = sorted(float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1]) for _ in range(runs))
+    return peaks[len(peaks) // 2]
 
 
 def report(rows: list[tuple[str, str]], times: dict, mems: dict, base: str) -> None:
@@ -181,6 +183,7 @@ def main() -> None:
     ap.add_argument("--configs", default="short,long")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-opacus", action="store_true")
+    ap.add_argument("--memory-runs", type=int, default=3, help="fresh processes per variant for the peak memory")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--freeze-norms", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -190,16 +193,17 @@ def main() -> None:
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         print(f"\n== {name}: Llama {cfg['layers']} layers, hidden {cfg['hidden']}, intermediate {cfg['intermediate']}, "
-              f"vocab {cfg['vocab']}, B={cfg['batch']}, T={cfg['seq']}, {args.device}, median of {args.steps} steps")
+              f"vocab {cfg['vocab']}, B={cfg['batch']}, T={cfg['seq']}, {args.device}, median of {args.steps} steps "
+              f"(time) and of {args.memory_runs} processes (memory)")
         variants = ["non-private", "dpllm"]
         times = interleaved_times(variants, cfg, args.steps, args.device, False)
-        mems = {v: peak_memory(v, name, args.device, False) for v in variants}
+        mems = {v: peak_memory(v, name, args.device, False, args.memory_runs) for v in variants}
         report([("non-private", "non-private"), ("dpllm private", "dpllm")], times, mems, "non-private")
         if args.skip_opacus:
             continue
         variants.append("opacus-ghost")
         times = interleaved_times(variants, cfg, args.steps, args.device, True)
-        mems = {v: peak_memory(v, name, args.device, True) for v in variants}
+        mems = {v: peak_memory(v, name, args.device, True, args.memory_runs) for v in variants}
         print("-- RMSNorm weights frozen in all three (Opacus has no rule for LlamaRMSNorm)")
         report([("non-private", "non-private"), ("dpllm private", "dpllm"), ("opacus ghost clipping", "opacus-ghost")],
                times, mems, "non-private")

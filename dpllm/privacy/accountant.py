@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
-from dpllm.privacy.accounting import check_arguments, epsilon_of_history
+from dpllm.privacy.accounting import check_arguments, composed_pld, epsilon_of_history, step_pld
+
+
+class _RunningPLD:
+    """The PLD of a growing history, extended one step at a time.
+
+    Epsilon is reported every step, and self-composing the whole history anew costs several
+    times composing one more step onto the last total. The composition is anchored so that its
+    value depends on the history alone, never on which steps were queried: n steps of the last
+    segment are (earlier segments) o p^a o p o ... o p, with a = n rounded down to a multiple of
+    ``anchor_every`` self-composed at once. A resumed run so reports what an uninterrupted one
+    does, and a query after a gap (a resume, a sparse ``log_every``) costs one self-composition
+    and at most ``anchor_every - 1`` single-step ones.
+    """
+
+    anchor_every = 16
+
+    def __init__(self) -> None:
+        self._key = None  # (earlier segments, noise multiplier, sample rate, anchor)
+        self._pld = None
+        self._steps = 0  # steps of the last segment in self._pld
+
+    def epsilon(self, segments: list[tuple[float, float, int]], delta: float) -> float:
+        *earlier, (sigma, q, n) = segments
+        anchor = n // self.anchor_every * self.anchor_every
+        key = (tuple(earlier), sigma, q, anchor)
+        if key != self._key or self._steps > n:
+            parts = earlier + ([(sigma, q, anchor)] if anchor else [])
+            self._key, self._pld, self._steps = key, composed_pld(parts), anchor
+        step = step_pld(sigma, q)
+        while self._steps < n:
+            self._pld = step if self._pld is None else self._pld.compose(step)
+            self._steps += 1
+        return max(self._pld.get_epsilon_for_delta(delta), 0.0)
 
 
 class PrivacyAccountant:
@@ -18,6 +51,7 @@ class PrivacyAccountant:
         self.accountant = accountant
         self.history: list[list] = []  # [noise_multiplier, sample_rate, steps]
         self._cached: tuple[int, float] | None = None
+        self._running = _RunningPLD()
 
     @property
     def steps(self) -> int:
@@ -33,8 +67,14 @@ class PrivacyAccountant:
     def epsilon(self) -> float:
         key = self.steps
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, epsilon_of_history([tuple(h) for h in self.history], self.delta, self.accountant))
+            self._cached = (key, self._epsilon_now())
         return self._cached[1]
+
+    def _epsilon_now(self) -> float:
+        segments = [tuple(h) for h in self.history if h[2] > 0]
+        if self.accountant != "pld" or not segments or any(s == 0 for s, _, _ in segments):
+            return epsilon_of_history(segments, self.delta, self.accountant)  # RDP is cheap; 0 and inf are immediate
+        return self._running.epsilon(segments, self.delta)
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, count: int = 1) -> float:
         """Epsilon if ``count`` more such steps ran (for the budget guard); the history is unchanged."""

@@ -38,13 +38,22 @@ def step_event(noise_multiplier: float, sample_rate: float) -> dp_accounting.DpE
 
 
 @lru_cache(maxsize=32)
-def _step_pld(noise_multiplier: float, sample_rate: float, discretization: float) -> pld_lib.PrivacyLossDistribution:
-    # The same construction dp_accounting's PLDAccountant uses for this event, built once.
+def step_pld(noise_multiplier: float, sample_rate: float, discretization: float = PLD_DISCRETIZATION) -> pld_lib.PrivacyLossDistribution:
+    """The PLD of one step: the same construction dp_accounting's PLDAccountant uses, built once."""
     return pld_lib.from_gaussian_mechanism(
         standard_deviation=noise_multiplier,
         value_discretization_interval=discretization,
         sampling_prob=sample_rate,
     )
+
+
+def composed_pld(segments, discretization: float = PLD_DISCRETIZATION) -> pld_lib.PrivacyLossDistribution | None:
+    """The PLD of running each (noise_multiplier > 0, sample_rate, steps > 0) segment in turn."""
+    total = None
+    for s, q, n in segments:
+        part = step_pld(s, q, discretization).self_compose(n)
+        total = part if total is None else total.compose(part)
+    return total
 
 
 def epsilon_of_history(
@@ -64,11 +73,7 @@ def epsilon_of_history(
         for s, q, n in segments:
             rdp.compose(step_event(s, q), n)
         return rdp.get_epsilon(delta)
-    total = None
-    for s, q, n in segments:
-        part = _step_pld(s, q, discretization).self_compose(n)
-        total = part if total is None else total.compose(part)
-    return max(total.get_epsilon_for_delta(delta), 0.0)
+    return max(composed_pld(segments, discretization).get_epsilon_for_delta(delta), 0.0)
 
 
 def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "pld") -> float:

@@ -5,7 +5,7 @@ import math
 import dp_accounting
 import pytest
 
-from dpllm.privacy.accountant import PrivacyAccountant
+from dpllm.privacy.accountant import PrivacyAccountant, _RunningPLD
 from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon
 
 
@@ -33,6 +33,33 @@ def test_stateful_accountant_matches_composition_of_segments():
     ref.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.04, dp_accounting.GaussianDpEvent(0.9)), 10))
     assert acc.steps == 40
     assert acc.epsilon() == pytest.approx(ref.get_epsilon(1e-5), rel=1e-6)
+
+
+def test_step_by_step_epsilon_matches_dp_accounting_whatever_steps_were_queried(monkeypatch):
+    """The accountant extends its PLD one step at a time; the values stay dp-accounting's, and do
+    not depend on which steps were queried or on a resume in between."""
+    monkeypatch.setattr(_RunningPLD, "anchor_every", 4)  # cross several anchors in a few steps
+    sigma, q, delta = 1.0, 0.02, 1e-5
+    every, sparse, resumed = (PrivacyAccountant(delta) for _ in range(3))
+    for n in range(1, 11):
+        every.step(sigma, q)
+        sparse.step(sigma, q)
+        assert every.epsilon() == pytest.approx(_reference(sigma, q, n, delta, "pld"), rel=1e-9)
+        if n == 3:
+            sparse.epsilon()
+        if n == 6:
+            resumed.load_state_dict(every.state_dict())
+        if n > 6:
+            resumed.step(sigma, q)
+        if n == 7:
+            resumed.epsilon()
+    assert sparse.epsilon() == resumed.epsilon() == every.epsilon()
+    for acc in (every, sparse):
+        acc.step(0.8, 0.04, count=2)  # a new segment, e.g. a resume with another plan
+    ref = dp_accounting.pld.PLDAccountant()
+    ref.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), 10))
+    ref.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.04, dp_accounting.GaussianDpEvent(0.8)), 2))
+    assert every.epsilon() == sparse.epsilon() == pytest.approx(ref.get_epsilon(delta), rel=1e-9)
 
 
 def test_accountant_state_round_trip():

@@ -104,6 +104,8 @@ class GaussianNoise:
 
     def _threads(self, width: int) -> ThreadPoolExecutor:
         if self._pool_width != width:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)  # idle between calls: its threads exit at once
             self._pool = ThreadPoolExecutor(max_workers=width, thread_name_prefix="dp-noise")
             self._pool_width = width
         return self._pool

@@ -13,6 +13,10 @@ measured in fresh processes, one variant each:
 Opacus has no per-sample rule for Hugging Face's LlamaRMSNorm, so in the Opacus comparison
 all three variants freeze the RMSNorm weights (they are < 0.1% of the parameters); the
 dpllm vs non-private ratios are also reported with everything trainable.
+A line under the first table splits the private step's extra time into the noise stage, the
+clipper's batched matmuls (the ghost norms' T x T Gram matrices, and the per-sample gradients of
+layers on the direct path; profiled) and the rest, and gives the ratio the first two alone would
+leave: a floor for exact ghost clipping on this machine.
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the process's peak resident
 memory (VmHWM) above what it held before the model was built. CPU readings vary by ~15 MB from
 process to process, so each variant's peak is the median over ``--memory-runs`` fresh processes.
@@ -29,6 +33,7 @@ from pathlib import Path
 CONFIGS = {
     "short": dict(layers=4, hidden=256, intermediate=688, vocab=2048, batch=16, seq=64),
     "long": dict(layers=4, hidden=256, intermediate=688, vocab=2048, batch=16, seq=512),
+    "smoke": dict(layers=1, hidden=64, intermediate=128, vocab=256, batch=4, seq=16),  # the tests run this
 }
 
 
@@ -66,6 +71,8 @@ def build_step(variant: str, cfg: dict, device: str, freeze_norms: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     B, T = cfg["batch"], cfg["seq"]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    noise_times: list[float] = []
     ids = torch.randint(0, cfg["vocab"], (B, T), device=device, generator=torch.Generator(device).manual_seed(1))
     mask = torch.ones_like(ids)
 
@@ -98,6 +105,16 @@ def build_step(variant: str, cfg: dict, device: str, freeze_norms: bool):
             private.clip_and_accumulate(per_sample_loss(logits, ids))
             private.step()
 
+        add_noise = private.add_noise
+
+        def timed_noise():  # the noise stage's own time, for the breakdown
+            start = time.perf_counter()
+            add_noise()
+            sync()
+            noise_times.append(time.perf_counter() - start)
+
+        private.add_noise = timed_noise
+
     elif variant == "opacus-ghost":
         from opacus import PrivacyEngine
 
@@ -123,7 +140,6 @@ def build_step(variant: str, cfg: dict, device: str, freeze_norms: bool):
 
     else:
         raise ValueError(variant)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def timed_step() -> float:
         start = time.perf_counter()
@@ -132,6 +148,9 @@ def build_step(variant: str, cfg: dict, device: str, freeze_norms: bool):
         return time.perf_counter() - start
 
     timed_step()  # warm-up (and dpllm's one-time check against autograd)
+    noise_times.clear()
+    timed_step.noise_times = noise_times
+    timed_step.step = step
     return timed_step
 
 
@@ -152,14 +171,46 @@ def peak_memory_worker(variant: str, cfg: dict, steps: int, device: str, freeze_
     return (_rss_kb("VmHWM") - base_kb) / 1024
 
 
-def interleaved_times(variants: list[str], cfg: dict, steps: int, device: str, freeze_norms: bool) -> dict:
-    """Median step time of each variant, stepping them in turn so machine noise hits all alike."""
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def interleaved_times(variants: list[str], cfg: dict, steps: int, device: str, freeze_norms: bool) -> tuple[dict, dict]:
+    """Median step time of each variant, stepping them in turn so machine noise hits all alike;
+    and the variants' steps, for the breakdown."""
     fns = {v: build_step(v, cfg, device, freeze_norms) for v in variants}
     times = {v: [] for v in variants}
     for _ in range(steps):
         for v, fn in fns.items():
             times[v].append(fn())
-    return {v: sorted(ts)[len(ts) // 2] for v, ts in times.items()}
+    return {v: median(ts) for v, ts in times.items()}, fns
+
+
+def bmm_seconds(step, steps: int, device: str) -> float:
+    """Time per step in batched matmuls, profiled. In a dpllm step these are the clipper's alone
+    (T x T Gram matrices of the ghost norms; per-sample gradients of the layers on the direct
+    path): the model's own forward and backward have none."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    field = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return sum(getattr(e, field) for e in prof.key_averages() if e.key == "aten::bmm") / 1e6 / steps
+
+
+def overhead_breakdown(times: dict, fns: dict, device: str) -> str:
+    """Where the private step's extra time goes: the noise and the clipper's batched matmuls are
+    costs no implementation of exact ghost clipping can skip; their sum bounds the ratio below."""
+    base, extra = times["non-private"], times["dpllm"] - times["non-private"]
+    noise = median(fns["dpllm"].noise_times)
+    bmm = bmm_seconds(fns["dpllm"].step, 5, device) - bmm_seconds(fns["non-private"].step, 5, device)
+    return (
+        f"dpllm's extra {extra * 1e3:.1f} ms per step: noise {noise * 1e3:.1f} ms, Gram matrices and per-sample "
+        f"gradients (bmm, profiled) {bmm * 1e3:.1f} ms, the rest {(extra - noise - bmm) * 1e3:.1f} ms; "
+        f"the non-private step plus noise and bmm alone would be a ratio of {(base + noise + bmm) / base:.2f}"
+    )
 
 
 def peak_memory(variant, name, device, freeze_norms, runs: int) -> float:
@@ -196,13 +247,16 @@ def main() -> None:
               f"vocab {cfg['vocab']}, B={cfg['batch']}, T={cfg['seq']}, {args.device}, median of {args.steps} steps "
               f"(time) and of {args.memory_runs} processes (memory)")
         variants = ["non-private", "dpllm"]
-        times = interleaved_times(variants, cfg, args.steps, args.device, False)
+        times, fns = interleaved_times(variants, cfg, args.steps, args.device, False)
+        breakdown = overhead_breakdown(times, fns, args.device)
+        del fns
         mems = {v: peak_memory(v, name, args.device, False, args.memory_runs) for v in variants}
         report([("non-private", "non-private"), ("dpllm private", "dpllm")], times, mems, "non-private")
+        print(breakdown)
         if args.skip_opacus:
             continue
         variants.append("opacus-ghost")
-        times = interleaved_times(variants, cfg, args.steps, args.device, True)
+        times, _ = interleaved_times(variants, cfg, args.steps, args.device, True)
         mems = {v: peak_memory(v, name, args.device, True, args.memory_runs) for v in variants}
         print("-- RMSNorm weights frozen in all three (Opacus has no rule for LlamaRMSNorm)")
         report([("non-private", "non-private"), ("dpllm private", "dpllm"), ("opacus ghost clipping", "opacus-ghost")],

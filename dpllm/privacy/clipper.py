@@ -221,9 +221,13 @@ class PerSampleClipper:
             self._verify = False
             self._check_against_autograd(per_sample_loss[keep].sum(), groups, keep.to(acc_dtype))
 
+        scaled: dict = {}
         while groups:  # popping frees each layer's kept tensors as soon as its sum is formed
             name, contribs = groups.popitem()
-            clipped = sum(C.weighted_sum(c, factors) for c in contribs).view(self.shapes[name])
+            clipped = C.weighted_sum(contribs[0], factors, scaled)
+            for c in contribs[1:]:
+                clipped.add_(C.weighted_sum(c, factors, scaled))
+            clipped = clipped.view(self.shapes[name])
             if self.grad_sink is not None:
                 self.grad_sink[name] = clipped if name not in self.grad_sink else self.grad_sink[name].add_(clipped)
                 continue

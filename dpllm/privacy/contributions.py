@@ -80,6 +80,11 @@ def materialize(c: Outer) -> Dense:
     return Dense(flat.view(bsz, m, n))
 
 
+def _same_view(x: Tensor, y: Tensor) -> bool:
+    """Whether two live tensors read the same memory the same way (hence hold equal values)."""
+    return x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+
+
 def _left_gram(a: Outer, b: Outer) -> Tensor:
     """(B, Ta, Tb) inner products between the left factors of ``a`` and ``b``."""
     if a.onehot_dim is None and b.onehot_dim is None:
@@ -97,7 +102,7 @@ def _right_gram(a: Outer, b: Outer, cache: dict | None) -> Tensor:
     """(B, Ta, Tb) Gram of the right factors; layers fed the same input (q/k/v, gate/up) share it."""
     x, y = a.right, b.right
     key = None
-    if cache is not None and x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride():
+    if cache is not None and _same_view(x, y):
         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
         if key in cache:
             return cache[key]
@@ -127,8 +132,13 @@ def inner(a: Contribution, b: Contribution, cache: dict | None = None) -> Tensor
     return (projected * outer.right).sum((1, 2))
 
 
-def weighted_sum(c: Contribution, weights: Tensor) -> Tensor:
-    """sum_i weights[i] * c_i: the clipped sum for one contribution, parameter-shaped."""
+def weighted_sum(c: Contribution, weights: Tensor, scaled: dict | None = None) -> Tensor:
+    """sum_i weights[i] * c_i: the clipped sum for one contribution, parameter-shaped.
+
+    The smaller factor is scaled by the weights (the right one on a tie). ``scaled`` (a dict
+    living for one clipped sum pass) keeps the last scaled right factor, so layers fed the same
+    input (q/k/v, gate/up), whose sums are formed one after another, scale it once.
+    """
     if isinstance(c, Dense):
         return torch.tensordot(weights, c.value, dims=1)
     m, n = c.shape
@@ -136,5 +146,14 @@ def weighted_sum(c: Contribution, weights: Tensor) -> Tensor:
     if c.onehot_dim is not None:
         out = torch.zeros(m, n, dtype=c.right.dtype, device=c.right.device)
         return out.index_add_(0, c.left.reshape(-1), (c.right * w).reshape(-1, n))
-    left, right = (c.left * w, c.right) if m <= n else (c.left, c.right * w)  # scale the smaller factor
+    left, right = c.left, c.right
+    last = scaled.get("source") if scaled is not None else None
+    if last is not None and _same_view(last, right):
+        right = scaled["scaled"]
+    elif m < n:
+        left = left * w
+    else:
+        right = right * w
+        if scaled is not None:  # the source is held, so its memory cannot be reused by another tensor
+            scaled.update(source=c.right, scaled=right)
     return left.reshape(-1, m).t().mm(right.reshape(-1, n))

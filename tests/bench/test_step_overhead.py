@@ -1,0 +1,45 @@
+"""bench/step_overhead.py: a whole run at the smoke size, and what its breakdown line measures."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench/step_overhead.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("step_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bmm_seconds_counts_batched_matmuls_only():
+    bench = _bench()
+    a, b = torch.randn(8, 64, 64), torch.randn(8, 64, 64)
+    assert bench.bmm_seconds(lambda: torch.bmm(a, b), 3, "cpu") > 0
+    assert bench.bmm_seconds(lambda: a.flatten(0, 1).mm(b[0]), 3, "cpu") == 0
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_ratios_and_breakdown():
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--configs", "smoke", "--skip-opacus", "--steps", "4", "--memory-runs", "1"],
+        cwd=REPO, check=True, capture_output=True, text=True, timeout=600,
+    ).stdout
+    rows = {m[1]: [float(v) for v in m.groups()[1:]] for m in re.finditer(r"^(non-private|dpllm private)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M)}
+    assert set(rows) == {"non-private", "dpllm private"}, out
+    (base_s, *_), (dp_s, dp_mb, time_ratio, mem_ratio) = rows["non-private"], rows["dpllm private"]
+    assert base_s > 0 and dp_s > 0 and time_ratio > 0 and mem_ratio > 0 and dp_mb > 0
+    line = re.search(r"extra (-?[\d.]+) ms per step: noise ([\d.]+) ms, .* \(bmm, profiled\) (-?[\d.]+) ms, .* ratio of ([\d.]+)$", out, re.M)
+    assert line, out
+    extra, noise, bmm, floor = map(float, line.groups())
+    assert extra == pytest.approx((dp_s - base_s) * 1e3, abs=1.0)  # the table's step times, rounded to 1 ms
+    assert noise > 0 and bmm > 0  # the smoke model's layers take the ghost path: Gram matrices
+    assert floor > 1

@@ -14,9 +14,8 @@ Opacus has no per-sample rule for Hugging Face's LlamaRMSNorm, so in the Opacus 
 all three variants freeze the RMSNorm weights (they are < 0.1% of the parameters); the
 dpllm vs non-private ratios are also reported with everything trainable.
 A line under the first table splits the private step's extra time into the noise stage, the
-clipper's batched matmuls (the ghost norms' T x T Gram matrices, and the per-sample gradients of
-layers on the direct path; profiled) and the rest, and gives the ratio the first two alone would
-leave: a floor for exact ghost clipping on this machine.
+ghost norms' T x T Gram matrices (profiled) and the rest, and gives the ratio the first two alone
+would leave: a floor for exact ghost clipping on this machine.
 Peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU the process's peak resident
 memory (VmHWM) above what it held before the model was built. CPU readings vary by ~15 MB from
 process to process, so each variant's peak is the median over ``--memory-runs`` fresh processes.
@@ -186,30 +185,35 @@ def interleaved_times(variants: list[str], cfg: dict, steps: int, device: str, f
     return {v: median(ts) for v, ts in times.items()}, fns
 
 
-def bmm_seconds(step, steps: int, device: str) -> float:
-    """Time per step in batched matmuls, profiled. In a dpllm step these are the clipper's alone
-    (T x T Gram matrices of the ghost norms; per-sample gradients of the layers on the direct
-    path): the model's own forward and backward have none."""
+def gram_seconds(step, steps: int, device: str, seq: int) -> float:
+    """Time per step in batched matmuls with a (B, seq, seq) product, profiled: in a dpllm step
+    these are the T x T Gram matrices of the ghost norms (the direct path's per-sample gradients,
+    (B, m, n) products, replace the weight-gradient matmuls and are not counted)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
     field = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    return sum(getattr(e, field) for e in prof.key_averages() if e.key == "aten::bmm") / 1e6 / steps
+    total = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        shapes = e.input_shapes
+        if e.key == "aten::bmm" and len(shapes) == 2 and shapes[0][1] == seq and shapes[1][2] == seq:
+            total += getattr(e, field)
+    return total / 1e6 / steps
 
 
-def overhead_breakdown(times: dict, fns: dict, device: str) -> str:
-    """Where the private step's extra time goes: the noise and the clipper's batched matmuls are
-    costs no implementation of exact ghost clipping can skip; their sum bounds the ratio below."""
+def overhead_breakdown(times: dict, fns: dict, device: str, seq: int) -> str:
+    """Where the private step's extra time goes: the noise, which DP-SGD cannot skip, and the
+    Gram matrices, which exact ghost norms cannot skip; their sum bounds the ratio below."""
     base, extra = times["non-private"], times["dpllm"] - times["non-private"]
     noise = median(fns["dpllm"].noise_times)
-    bmm = bmm_seconds(fns["dpllm"].step, 5, device) - bmm_seconds(fns["non-private"].step, 5, device)
+    gram = gram_seconds(fns["dpllm"].step, 5, device, seq) - gram_seconds(fns["non-private"].step, 5, device, seq)
     return (
-        f"dpllm's extra {extra * 1e3:.1f} ms per step: noise {noise * 1e3:.1f} ms, Gram matrices and per-sample "
-        f"gradients (bmm, profiled) {bmm * 1e3:.1f} ms, the rest {(extra - noise - bmm) * 1e3:.1f} ms; "
-        f"the non-private step plus noise and bmm alone would be a ratio of {(base + noise + bmm) / base:.2f}"
+        f"dpllm's extra {extra * 1e3:.1f} ms per step: noise {noise * 1e3:.1f} ms, Gram matrices (profiled) "
+        f"{gram * 1e3:.1f} ms, the rest {(extra - noise - gram) * 1e3:.1f} ms; the non-private step plus "
+        f"the noise and the Gram matrices alone would be a ratio of {(base + noise + gram) / base:.2f}"
     )
 
 
@@ -248,7 +252,7 @@ def main() -> None:
               f"(time) and of {args.memory_runs} processes (memory)")
         variants = ["non-private", "dpllm"]
         times, fns = interleaved_times(variants, cfg, args.steps, args.device, False)
-        breakdown = overhead_breakdown(times, fns, args.device)
+        breakdown = overhead_breakdown(times, fns, args.device, cfg["seq"])
         del fns
         mems = {v: peak_memory(v, name, args.device, False, args.memory_runs) for v in variants}
         report([("non-private", "non-private"), ("dpllm private", "dpllm")], times, mems, "non-private")

@@ -20,11 +20,12 @@ def _bench():
     return module
 
 
-def test_bmm_seconds_counts_batched_matmuls_only():
+def test_gram_seconds_counts_only_sequence_by_sequence_products():
     bench = _bench()
-    a, b = torch.randn(8, 64, 64), torch.randn(8, 64, 64)
-    assert bench.bmm_seconds(lambda: torch.bmm(a, b), 3, "cpu") > 0
-    assert bench.bmm_seconds(lambda: a.flatten(0, 1).mm(b[0]), 3, "cpu") == 0
+    x, w = torch.randn(8, 32, 64), torch.randn(8, 32, 48)
+    assert bench.gram_seconds(lambda: torch.bmm(x, x.transpose(1, 2)), 3, "cpu", seq=32) > 0
+    assert bench.gram_seconds(lambda: torch.bmm(x.transpose(1, 2), w), 3, "cpu", seq=32) == 0  # per-sample gradients
+    assert bench.gram_seconds(lambda: x.flatten(0, 1).mm(x[0].t()), 3, "cpu", seq=32) == 0
 
 
 @pytest.mark.slow
@@ -37,9 +38,9 @@ def test_smoke_run_prints_ratios_and_breakdown():
     assert set(rows) == {"non-private", "dpllm private"}, out
     (base_s, *_), (dp_s, dp_mb, time_ratio, mem_ratio) = rows["non-private"], rows["dpllm private"]
     assert base_s > 0 and dp_s > 0 and time_ratio > 0 and mem_ratio > 0 and dp_mb > 0
-    line = re.search(r"extra (-?[\d.]+) ms per step: noise ([\d.]+) ms, .* \(bmm, profiled\) (-?[\d.]+) ms, .* ratio of ([\d.]+)$", out, re.M)
+    line = re.search(r"extra (-?[\d.]+) ms per step: noise ([\d.]+) ms, Gram matrices \(profiled\) (-?[\d.]+) ms, .* ratio of ([\d.]+)$", out, re.M)
     assert line, out
-    extra, noise, bmm, floor = map(float, line.groups())
+    extra, noise, gram, floor = map(float, line.groups())
     assert extra == pytest.approx((dp_s - base_s) * 1e3, abs=1.0)  # the table's step times, rounded to 1 ms
-    assert noise > 0 and bmm > 0  # the smoke model's layers take the ghost path: Gram matrices
+    assert noise > 0 and gram > 0  # the smoke model's layers take the ghost path: Gram matrices
     assert floor > 1

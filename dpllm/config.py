@@ -7,6 +7,7 @@ them, before any model or data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -208,6 +209,20 @@ class RunConfig:
         )
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; recipes and overrides read it as a float,
+    as YAML 1.2 and Python do, so ``optim.lr=1e-4`` means what it says."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _load_yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -270,7 +285,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _load_yaml(raw)
     return data
 
 
@@ -278,7 +293,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     data = {}
     if path is not None:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = _load_yaml(f) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a YAML mapping")
     config = _build(RunConfig, apply_overrides(data, list(overrides)))

@@ -22,6 +22,19 @@ def test_overrides_are_typed():
     assert isinstance(config.privacy.max_grad_norm, float)
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 would read 1e-4 as a string; in recipes and overrides it is the number."""
+    recipe = tmp_path / "r.yaml"
+    text = (REPO / "recipes/e2e/tiny_cpu.yaml").read_text()
+    assert "  lr: 0.003\n" in text
+    recipe.write_text(text.replace("  lr: 0.003\n", "  lr: 5e-4\n"))
+    config = load_config(recipe, ["privacy.delta=1e-6", "optim.betas=[0.9, 9.99E-1]", "privacy.max_grad_norm=+2e+1"])
+    assert (config.optim.lr, config.privacy.delta) == (float("5e-4"), float("1e-6"))
+    assert (config.optim.betas, config.privacy.max_grad_norm) == ([0.9, 0.999], 20.0)
+    with pytest.raises(ConfigError, match="seed: expected int"):
+        load_config(recipe, ["seed=1e3"])
+
+
 @pytest.mark.parametrize(
     "override,match",
     [

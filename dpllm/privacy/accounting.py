@@ -95,7 +95,13 @@ def calibrate_noise_multiplier(
     def eps(sigma: float, discretization: float = SEARCH_DISCRETIZATION) -> float:
         return epsilon_of_history([(sigma, sample_rate, steps)], delta, accountant, discretization)
 
-    if eps(MAX_NOISE_MULTIPLIER) > target_epsilon:
+    ceiling = eps(MAX_NOISE_MULTIPLIER)
+    if math.isinf(ceiling) and accountant == "pld":
+        raise ValueError(
+            f"delta {delta} is below what the PLD accountant resolves (it moves tail masses of about 1e-15 "
+            "to infinite loss, so any epsilon it reports there is inf): use a larger delta or accountant='rdp'"
+        )
+    if ceiling > target_epsilon:
         raise ValueError(
             f"target epsilon {target_epsilon} at delta {delta} is out of reach: even noise multiplier "
             f"{MAX_NOISE_MULTIPLIER:g} spends more over {steps} steps at sample rate {sample_rate}"

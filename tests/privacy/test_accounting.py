@@ -119,3 +119,12 @@ def test_unreachable_target_raises():
     # Full-batch steps, a million of them, at epsilon 1e-4: beyond any sane noise multiplier.
     with pytest.raises(ValueError, match="out of reach"):
         calibrate_noise_multiplier(1e-4, 1e-10, 1.0, 10**6, accountant="rdp")
+
+
+def test_delta_below_the_pld_resolution_is_named_not_called_out_of_reach():
+    # dp-accounting's own PLD reports inf at this delta even for heavy noise; RDP does not.
+    assert math.isinf(_reference(1000.0, 0.01, 100, 1e-30, "pld"))
+    with pytest.raises(ValueError, match="below what the PLD accountant resolves"):
+        calibrate_noise_multiplier(8.0, 1e-30, 0.01, 100)
+    sigma = calibrate_noise_multiplier(8.0, 1e-30, 0.01, 100, accountant="rdp")
+    assert _reference(sigma, 0.01, 100, 1e-30, "rdp") <= 8.0 < _reference(sigma * 0.99, 0.01, 100, 1e-30, "rdp")

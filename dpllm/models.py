@@ -20,7 +20,17 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 def resolve(name_or_path: str) -> str:
+    """The folder or hub name to load. A name that can only be a local path (absolute, starting
+    with . or ~, or with more than one /) must exist: transformers would report a missing one as
+    a malformed hub name."""
     if not name_or_path.startswith("package:"):
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{name_or_path}: the folder holds no model (config.json)")
+            return str(path)
+        if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1:
+            raise FileNotFoundError(f"{name_or_path}: no such model folder (a hub name has the form namespace/name)")
         return name_or_path
     package = name_or_path.removeprefix("package:")
     spec = importlib.util.find_spec(package)

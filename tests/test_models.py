@@ -34,6 +34,19 @@ def test_missing_package_is_a_clear_error():
     assert resolve("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
 
 
+def test_missing_or_empty_model_folder_is_a_clear_error(tmp_path, monkeypatch):
+    for name in (str(tmp_path / "absent"), "./absent", "~/absent-model-folder", "runs/a/final"):
+        with pytest.raises(FileNotFoundError, match="no such model folder"):
+            resolve(name)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no model \(config.json\)"):
+        resolve(str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    assert Path(resolve("run/final")).resolve() == tmp_path / "run" / "final"
+
+
 def test_classification_evaluate_returns_predictions_in_input_order():
     from dpllm.classification import evaluate
 

@@ -7,6 +7,7 @@ them, before any model or data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -41,6 +42,7 @@ class ModelConfig:
         _require(bool(self.name_or_path), "model.name_or_path", "is required")
         _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
         _require(self.lora_rank >= 0, "model.lora_rank", "must be >= 0")
+        _require(self.lora_alpha > 0, "model.lora_alpha", "must be > 0")
 
 
 @dataclass
@@ -153,6 +155,9 @@ class OptimConfig:
         _require(self.name in ("adamw", "sgd"), "optim.name", "must be 'adamw' or 'sgd'")
         _require(self.lr > 0, "optim.lr", "must be > 0")
         _require(len(self.betas) == 2, "optim.betas", "must hold two numbers")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(self.momentum >= 0, "optim.momentum", "must be >= 0")
 
 
 @dataclass
@@ -197,6 +202,7 @@ class RunConfig:
         )
         _require(self.batch_size > 0, "batch_size", "must be > 0")
         _require(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
+        _require(self.eval_batch_size > 0, "eval_batch_size", "must be > 0")
         _require((self.max_steps is None) != (self.epochs is None), "max_steps", "set exactly one of max_steps and epochs")
         _require(self.max_steps is None or self.max_steps > 0, "max_steps", "must be > 0")
         _require(self.epochs is None or self.epochs > 0, "epochs", "must be > 0")
@@ -255,6 +261,8 @@ def _coerce(value, annotation, key: str):
         return _build(annotation, value, key + ".")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if annotation is int and isinstance(value, bool):

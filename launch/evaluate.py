@@ -21,6 +21,13 @@ from dpllm.tasks.data2text import DataError, group_references, read_predictions 
 from dpllm.tasks.metrics import format_scores  # noqa: E402
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -29,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--predictions", help="a file with one prediction per unique input")
     parser.add_argument("--eval-file", required=True, help="official file, folder of official files, or hub name")
     parser.add_argument("--split", default="validation", help="split, for folders and hub names")
-    parser.add_argument("--max-inputs", type=int, default=None, help="score only the first k unique inputs")
-    parser.add_argument("--num-beams", type=int, default=5, help="1 is greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-inputs", type=_positive_int, default=None, help="score only the first k unique inputs")
+    parser.add_argument("--num-beams", type=_positive_int, default=5, help="1 is greedy")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=100)
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--output-dir", help="default: next to the checkpoint or the predictions")
     args = parser.parse_args(argv)
     task = get_task(args.task)

@@ -58,6 +58,13 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
         ("denoise.norm_correction=max", "denoise.norm_correction"),
         ("denoise.method=lanczos", "denoise.method"),
         ("denoise.start=-1", "denoise.start: must be >= 0"),
+        ("privacy.max_grad_norm=.inf", "privacy.max_grad_norm: must be a finite number"),
+        ("optim.lr=.nan", "optim.lr: must be a finite number"),
+        ("optim.betas=[0.9, 1e0]", r"optim.betas: must be in \[0, 1\)"),
+        ("optim.weight_decay=-1e-2", "optim.weight_decay: must be >= 0"),
+        ("optim.momentum=-0.5", "optim.momentum: must be >= 0"),
+        ("eval_batch_size=0", "eval_batch_size: must be > 0"),
+        ("model.lora_alpha=0", "model.lora_alpha: must be > 0"),
     ],
 )
 def test_bad_config_names_the_key(override, match):

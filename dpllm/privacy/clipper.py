@@ -14,6 +14,7 @@ formed from the kept tensors and added to ``p.grad``.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +67,8 @@ class PerSampleClipper:
     ) -> None:
         """``grad_sink``: add clipped sums to ``grad_sink[name]`` (full-shape tensors) instead of
         ``p.grad``, for engines whose parameters are sharded (FSDP2 swaps them during backward)."""
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if not 0 < max_grad_norm < math.inf:  # an infinite bound would release unclipped gradients
+            raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.max_grad_norm = float(max_grad_norm)

@@ -15,6 +15,7 @@ attacks on the Laplace mechanism); this is the caveat every floating-point DP-SG
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +32,10 @@ SERIAL_SLICE = 1 << 15
 
 class GaussianNoise:
     def __init__(self, noise_multiplier: float, max_grad_norm: float, seed: int | None = None, secure: bool = False):
-        if not noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if not 0 <= noise_multiplier < math.inf:
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+        if not 0 < max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
         if secure and seed is not None:
             raise ValueError("secure mode draws its own seed from os.urandom; do not pass one")
         if not secure and seed is None:

@@ -28,6 +28,17 @@ def test_malformed_eval_file_is_reported(tmp_path, capsys):
     assert "dev.csv:2: expected 2 fields" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--max-inputs", "--num-beams", "--max-new-tokens", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_counts_must_be_positive(tmp_path, capsys, flag, value):
+    preds = tmp_path / "preds.txt"
+    preds.write_text("a prediction\n" * 43)  # what --max-inputs -3 would have silently scored
+    with pytest.raises(SystemExit):
+        main(["--task", "e2e", "--predictions", str(preds), "--eval-file", str(DEV), flag, value])
+    assert f"argument {flag}: must be a positive integer, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
 @pytest.mark.slow
 def test_generate_from_checkpoint_and_score(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(REPO / "assets/models/stories260K")

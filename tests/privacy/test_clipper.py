@@ -200,6 +200,9 @@ def test_bad_inputs():
         PerSampleClipper(model, max_grad_norm=0.0)
     with pytest.raises(ValueError, match="max_grad_norm"):
         PerSampleClipper(model, max_grad_norm=-1.0)
+    for bound in (float("inf"), float("nan")):  # inf would leave every sample unclipped
+        with pytest.raises(ValueError, match="max_grad_norm must be finite and > 0"):
+            PerSampleClipper(model, max_grad_norm=bound)
     clipper = PerSampleClipper(model, max_grad_norm=1.0)
     batch = tiny_batch()
     loss = forward_per_sample_loss(model, batch)

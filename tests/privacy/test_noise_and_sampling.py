@@ -72,6 +72,11 @@ def test_noise_bad_arguments():
         GaussianNoise(-0.1, 1.0, seed=0)
     with pytest.raises(ValueError, match="max_grad_norm"):
         GaussianNoise(1.0, 0.0, seed=0)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="noise_multiplier must be finite"):
+            GaussianNoise(bad, 1.0, seed=0)
+        with pytest.raises(ValueError, match="max_grad_norm must be finite"):
+            GaussianNoise(1.0, bad, seed=0)
 
 
 def test_poisson_sampler_inclusion_is_independent_bernoulli():

@@ -2,6 +2,7 @@
 
     python launch/e2e.py --recipe recipes/e2e/tiny_cpu.yaml [key=value ...]
     deepspeed --num_gpus 2 launch/e2e.py --config ds_configs/zero2.json --recipe R [key=value ...]
+    deepspeed --num_gpus 2 launch/e2e.py --config ds_configs/zero2.json   (no --recipe: the tiny one)
     torchrun --nproc_per_node 2 launch/e2e.py --engine fsdp --recipe R [key=value ...]   (or --engine ddp)
 
 On CPUs set DS_ACCELERATOR=cpu for DeepSpeed; processes talk over gloo there, NCCL on GPUs.
@@ -24,9 +25,9 @@ from dpllm.training.trainer import train  # noqa: E402
 from dpllm.tasks.metrics import format_scores  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, default_recipe: str = "recipes/e2e/tiny_cpu.yaml") -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="YAML recipe")
+    parser.add_argument("--recipe", default=default_recipe, help="YAML recipe (default: %(default)s, offline on CPU)")
     parser.add_argument("--config", help="DeepSpeed JSON config (selects the deepspeed engine)")
     parser.add_argument(
         "--engine", choices=["single", "ddp", "fsdp", "deepspeed"], help="default: deepspeed with --config, else single"

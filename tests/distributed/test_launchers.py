@@ -25,7 +25,9 @@ def _launch(kind: str, out: Path, extra: list[str], recipe=("--recipe", RECIPE, 
 def test_two_processes_match_one(tmp_path, denoise):
     extra = ["denoise.enabled=true"] if denoise else []
     kinds = ("deepspeed", "fsdp", "ddp")
-    runs = {kind: _launch(kind, tmp_path / kind, extra) for kind in ("single", *kinds)}
+    runs = {kind: _launch(kind, tmp_path / kind, extra) for kind in ("single", "fsdp", "ddp")}
+    # DeepSpeed with no --recipe (as in the README): the launcher defaults to the same tiny recipe
+    runs["deepspeed"] = _launch("deepspeed", tmp_path / "deepspeed", extra, recipe=TINY)
     single = runs["single"]
     for kind in kinds:
         run = runs[kind]
@@ -48,8 +50,8 @@ def test_two_processes_match_one(tmp_path, denoise):
 def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path):
     """launch/glue.py under torchrun + FSDP2: same parameters as one process, classification head included."""
     sst2 = REPO / "assets/data/glue/SST-2"
-    recipe = [
-        "--recipe", "recipes/glue/minilm_sst2_cpu.yaml", f"model.name_or_path={save_tiny_bert(tmp_path / 'bert', sst2)}",
+    recipe = [  # no --recipe: launch/glue.py defaults to recipes/glue/minilm_sst2_cpu.yaml
+        f"model.name_or_path={save_tiny_bert(tmp_path / 'bert', sst2)}",
         "model.freeze=[]", f"data.train_file={sst2}", f"data.eval_file={sst2}", "data.max_train_examples=200",
         "data.max_eval_examples=40", "batch_size=32", "micro_batch_size=8", "eval_every=0", "progress=false", "seed=3",
     ]

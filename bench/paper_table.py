@@ -16,7 +16,6 @@ change what is trained.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dpllm.config import load_config  # noqa: E402
+from dpllm.training.metrics import read_logs  # noqa: E402
 from dpllm.training.trainer import train  # noqa: E402
 
 RECIPE = REPO / "recipes/glue/minilm_sst2_cpu.yaml"
@@ -66,14 +66,14 @@ def run(task: str, data: str, epsilon: float, seed: int, denoise: bool, args) ->
     out = Path(args.out) / f"{task}_eps{epsilon:g}_seed{seed}_{'denoised' if denoise else 'baseline'}"
     overrides = [
         f"data.task={task}", f"data.train_file={data}", f"data.eval_file={data}",
-        f"privacy.target_epsilon={epsilon}", f"seed={seed}", f"max_steps={args.steps}",
+        f"privacy.target_epsilon={epsilon}", f"seed={seed}", f"privacy.noise_seed={seed}", f"max_steps={args.steps}",
         f"eval_every={args.eval_every}", "log_every=1", f"output_dir={out}", "progress=false",
         f"denoise.enabled={'true' if denoise else 'false'}", f"denoise.diagnostics={'true' if denoise else 'false'}",
         *args.override,
     ]
     if not (out / "summary.json").is_file():
         train(load_config(RECIPE, overrides))
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_logs(out)
 
 
 def steps_to(rows: list[dict], level: float) -> int | None:

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dpllm.config import load_config  # noqa: E402
+from dpllm.training.metrics import read_logs  # noqa: E402
 from dpllm.training.trainer import train  # noqa: E402
 
 
@@ -124,6 +125,7 @@ def fine_tune(model_dir: Path, out: Path, size: Size, args, *, epsilon=None, sig
         f"eval_every={size.eval_every}",
         "log_every=1",  # every step, so that denoising statistics are complete
         f"seed={seed}",
+        f"privacy.noise_seed={seed}",  # seed-matched variants: the same samples and noise draws
         f"output_dir={out}",
         "progress=false",
         "optim.lr=0.001",
@@ -139,7 +141,7 @@ def fine_tune(model_dir: Path, out: Path, size: Size, args, *, epsilon=None, sig
     else:
         overrides.append(f"privacy.target_epsilon={epsilon}")
     summary = train(load_config(REPO / "recipes/e2e/tiny_cpu.yaml", overrides))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_logs(out)
     evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
     gains = {r["step"]: r["cos_gain"] for r in rows if "cos_gain" in r}
     denoised = [r["denoised_fraction"] for r in rows if "denoised_fraction" in r]

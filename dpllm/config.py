@@ -93,7 +93,15 @@ class PrivacyConfig:
     delta: float | None = None  # default 1 / (2 N)
     max_grad_norm: float = 1.0
     accountant: str = "pld"
+    # The noise streams and the Poisson sampler are seeded from os.urandom unless noise_seed is
+    # given; the epsilon then assumes that number stays secret. It is never written to a
+    # published file. secure_mode also keeps the seeds out of checkpoints.
+    noise_seed: int | None = None
     secure_mode: bool = False
+    diagnostics_log: bool = True  # write the non-private training statistics under diagnostics/
+    # resume from a checkpoint whose privacy history differs (non-private, another dataset or
+    # delta); the summary and privacy report record what differed
+    accept_resume_mismatch: bool = False
 
     def validate(self) -> None:
         if not self.enabled:
@@ -112,6 +120,11 @@ class PrivacyConfig:
         _require(self.delta is None or 0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
         _require(self.accountant in ("pld", "rdp"), "privacy.accountant", "must be 'pld' or 'rdp'")
+        _require(
+            not (self.secure_mode and self.noise_seed is not None),
+            "privacy.noise_seed",
+            "cannot be combined with privacy.secure_mode, whose seeds never leave the process",
+        )
 
 
 @dataclass
@@ -188,6 +201,11 @@ class RunConfig:
             section.validate()
         _require(
             not self.denoise.enabled or self.privacy.enabled, "denoise.enabled", "needs privacy.enabled (there is no noise to remove)"
+        )
+        _require(
+            not self.denoise.diagnostics or self.privacy.diagnostics_log,
+            "denoise.diagnostics",
+            "writes to the diagnostics log, which privacy.diagnostics_log=false turns off",
         )
         _require(self.engine in ENGINES, "engine", f"must be one of {ENGINES}")
         _require(
@@ -309,5 +327,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return config
 
 
-def to_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
+SECRET = "<secret: not recorded>"
+
+
+def publishable_dict(config: RunConfig) -> dict:
+    """The config as a file a user may publish: a fixed ``privacy.noise_seed`` is left out."""
+    data = dataclasses.asdict(config)
+    if data["privacy"]["noise_seed"] is not None:
+        data["privacy"]["noise_seed"] = SECRET
+    return data

@@ -20,6 +20,7 @@ TINY = [
     "generation.at_end=false",
     "generation.every=0",
     "seed=3",
+    "privacy.noise_seed=3",  # runs compared with each other share their sample and noise
 ]
 
 

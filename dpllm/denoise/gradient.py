@@ -23,6 +23,17 @@ DEFAULT_INCLUDE = tuple(f"*{name}.weight" for name in PROJECTIONS) + ENCODER_PRO
 LORA_INCLUDE = ("*lora_A*.weight", "*lora_B*.weight")
 
 
+class GradBuffer:
+    """A gradient tensor shown to the denoiser as a parameter with a ``.grad`` (the private step
+    keeps its sums apart from the parameters, in fp32 and, when sharded, in full shape)."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        self.shape, self.grad = shape, None
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
 @dataclass
 class DenoiseStats:
     matrices: int

@@ -1,15 +1,16 @@
 """The private step over several processes.
 
     clip_and_accumulate   each rank clips its own share of the Poisson sample into full-shape
-                          gradient buffers (p.grad, or the clipper's sink for sharded parameters)
+                          fp32 (fp64 for fp64 models) sums, whatever the parameter dtype
     reduce_to_owners      each parameter's clipped sum is summed over ranks onto its owner
-                          (one reduce per parameter)
+                          (one reduce per parameter, in that precision)
     add_noise             the owner adds N(0, (sigma C)^2) from the parameter's own stream, keyed
                           by (seed drawn on rank 0, step, name): once, whatever the world size
     denoise               each owner denoises the projection matrices it owns (the SVD work is
                           balanced over ranks, see ownership.py); statistics summed over ranks
     average               divide by the expected batch size q N; non-owners hold zeros
-    hand_over             the result reaches the ranks that update the parameter:
+    hand_over             the result reaches the ranks that update the parameter, cast once to
+                          the parameter dtype:
                             replicated  broadcast from the owner (torchrun, DDP-style)
                             deepspeed   ZeRO-1/2's own reduce-scatter into optimizer partitions
                                         (the owner's value times the world size, zeros elsewhere:
@@ -31,22 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dpllm.denoise.gradient import DEFAULT_INCLUDE, GradientDenoiser, select
+from dpllm.denoise.gradient import DEFAULT_INCLUDE, GradBuffer, GradientDenoiser, select
 from dpllm.distributed.env import DistEnv
 from dpllm.distributed.ownership import assign_owners
 from dpllm.training.private_step import PrivateStep
 
 HANDOVERS = ("replicated", "deepspeed", "fsdp")
-
-
-class _Buffer:
-    """A full-shape gradient buffer, shown to the denoiser as a parameter with a ``.grad``."""
-
-    def __init__(self, shape: torch.Size) -> None:
-        self.shape, self.grad = shape, None
-
-    def dim(self) -> int:
-        return len(self.shape)
 
 
 class ShardedPrivateStep(PrivateStep):
@@ -68,23 +59,21 @@ class ShardedPrivateStep(PrivateStep):
         if diagnostics:
             raise ValueError("denoise.diagnostics needs the whole clipped gradient in one process: run it single-process")
         if handover == "fsdp":
-            kwargs["clipper_options"] = {"grad_sink": {}, "verify_first_backward": False}
+            kwargs["clipper_options"] = {"verify_first_backward": False}
         super().__init__(model, optimizer, denoiser_options=None, **kwargs)
         self.env, self.handover = env, handover
         shapes = self.clipper.shapes
-        self.params = dict(self.clipper.by_name)
         options = dict(denoiser_options or {})
         selected: set[str] = set()
         if denoiser_options is not None:
-            buffers = {n: _Buffer(shape) for n, shape in shapes.items()}
+            buffers = {n: GradBuffer(shape) for n, shape in shapes.items()}
             selected = set(select(buffers, options.get("include", DEFAULT_INCLUDE), options.get("exclude", ())))
             if not selected:
                 raise ValueError(f"no 2-D parameter matches the denoising patterns {options.get('include')}")
         self.denoising = bool(selected)
         self.owners = assign_owners({n: tuple(s) for n, s in shapes.items()}, selected, env.world_size)
-        self._buffers = {n: _Buffer(shapes[n]) for n in sorted(selected) if self.owners[n] == env.rank}
+        self._buffers = {n: GradBuffer(shapes[n]) for n in sorted(selected) if self.owners[n] == env.rank}
         self.denoiser = GradientDenoiser(self._buffers, **options) if self._buffers else None
-        self._grads: dict[str, Tensor] = {}
 
     def use_sharded(self, model: nn.Module, optimizer) -> None:
         """Point the step at the sharded parameters (FSDP2 replaces the parameter objects)."""
@@ -92,28 +81,13 @@ class ShardedPrivateStep(PrivateStep):
         self.params = {n: current[n] for n in self.clipper.shapes}
         self.optimizer = optimizer
 
-    def _full_grads(self) -> dict[str, Tensor]:
-        if self.handover == "fsdp":
-            sink = self.clipper.grad_sink
-            some = next(iter(self.params.values()))
-            dtype = torch.promote_types(some.dtype, torch.float32)
-            for name, shape in self.clipper.shapes.items():
-                if name not in sink:
-                    sink[name] = torch.zeros(shape, dtype=dtype, device=some.device)
-            return sink
-        for p in self.params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return {n: p.grad for n, p in self.params.items()}
-
     def reduce_to_owners(self) -> None:
-        self._grads = self._full_grads()
         if self.env.distributed:
-            for name, g in self._grads.items():
+            for name, g in self._complete_sums().items():
                 dist.reduce(g, dst=self.owners[name])
 
     def add_noise(self) -> None:
-        owned = {name: g for name, g in self._grads.items() if self.owners[name] == self.env.rank}
+        owned = {name: g for name, g in self._complete_sums().items() if self.owners[name] == self.env.rank}
         self.noise.add_(self.step_index, owned)
 
     def denoise(self) -> dict:
@@ -122,33 +96,32 @@ class ShardedPrivateStep(PrivateStep):
         local = [0.0, 0.0, 0.0]
         if self.denoiser is not None:
             for name, buffer in self._buffers.items():
-                buffer.grad = self._grads[name]
+                buffer.grad = self.sums[name]
             stats = self.denoiser(self.noise.std)
             local = [stats.matrices, stats.denoised, stats.mean_kept_rank * stats.denoised]
         matrices, denoised, rank_sum = self.env.sum_floats(local)
         return {"denoised_fraction": denoised / max(matrices, 1), "mean_kept_rank": rank_sum / denoised if denoised else 0.0}
 
     def average(self) -> None:
-        for name, g in self._grads.items():
+        for name, g in self.sums.items():
             if self.owners[name] == self.env.rank:
                 g.div_(self.expected_batch_size)
             else:
                 g.zero_()  # a reduce leaves partial sums on non-destination ranks
 
     def hand_over(self) -> None:
-        for name, g in self._grads.items():
-            owner = self.owners[name]
+        """Set every rank's ``p.grad`` (in the parameter dtype) from the owners' results."""
+        for name, g in self.sums.items():
+            owner, p = self.owners[name], self.params[name]
             if self.handover == "fsdp":
                 self._scatter_into_shard(name, g, owner)
-            elif not self.env.distributed:
                 continue
-            elif self.handover == "replicated":
+            if self.env.distributed and self.handover == "replicated":
                 dist.broadcast(g, src=owner)
-            elif owner == self.env.rank:
+            elif self.env.distributed and owner == self.env.rank:  # deepspeed: ZeRO averages over ranks
                 g.mul_(self.env.world_size)
-        self._grads = {}
-        if self.handover == "fsdp":
-            self.clipper.grad_sink.clear()
+            p.grad = g.to(p.dtype)
+        self.sums.clear()
 
     def _scatter_into_shard(self, name: str, full: Tensor, owner: int) -> None:
         """FSDP2 shards dim 0 in torch.chunk pieces: pad to equal chunks, scatter, trim."""
@@ -174,7 +147,8 @@ class ShardedPrivateStep(PrivateStep):
     def optimizer_step(self) -> None:
         if self.handover == "deepspeed":
             self.optimizer.reduce_gradients()
-        super().optimizer_step()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> dict:
         """The stages after the last micro-batch; statistics include seconds spent communicating

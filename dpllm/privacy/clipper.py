@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dpllm.privacy import contributions as C
+from dpllm.privacy.mixing import refuse_sample_mixing
 from dpllm.privacy.rules import UnsupportedModuleError, find_rule
 
 STRATEGIES = ("auto", "ghost", "direct")
@@ -65,8 +66,10 @@ class PerSampleClipper:
         verify_first_backward: bool = True,
         grad_sink: dict[str, Tensor] | None = None,
     ) -> None:
-        """``grad_sink``: add clipped sums to ``grad_sink[name]`` (full-shape tensors) instead of
-        ``p.grad``, for engines whose parameters are sharded (FSDP2 swaps them during backward)."""
+        """``grad_sink``: add clipped sums to ``grad_sink[name]`` (full-shape tensors in fp32, fp64
+        for fp64 models) instead of ``p.grad``. The private step always passes one, so sums are
+        never accumulated in a bf16/fp16 parameter dtype, and sharded parameters (FSDP2 swaps
+        them during backward) need no full-shape ``p.grad``."""
         if not 0 < max_grad_norm < math.inf:  # an infinite bound would release unclipped gradients
             raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
         if strategy not in STRATEGIES:
@@ -92,15 +95,11 @@ class PerSampleClipper:
     def _attach(self, model: nn.Module) -> None:
         seen: set[int] = set()
         for module_name, module in model.named_modules():
+            label = module_name or type(model).__name__
+            refuse_sample_mixing(module, label)
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            label = module_name or type(model).__name__
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                raise UnsupportedModuleError(
-                    f"module '{label}' ({type(module).__name__}) mixes samples in a batch; "
-                    "per-sample gradients are undefined. Replace it (e.g. GroupNorm/LayerNorm) or freeze it."
-                )
             rule = find_rule(module)
             if rule is None:
                 names = ", ".join(f"{label}.{n}" for n, _ in own)

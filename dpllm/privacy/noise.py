@@ -7,7 +7,10 @@ parameters are sharded over ranks, or on how many threads draw the chunks: on CP
 torch's sampler is single-threaded, chunks are drawn in parallel into small reused buffers,
 so the stage neither waits on one core nor holds a parameter-sized noise tensor.
 
-Secure mode draws the base seed from ``os.urandom`` and never exposes it. Floating-point
+The base seed is the secret the guarantee rests on: by default it comes from ``os.urandom``
+(:func:`dpllm.privacy.seeds.secret_seed`), so nothing a run publishes lets anyone replay the
+noise. ``secure=True`` also refuses to save it (checkpoints then cannot resume the same noise
+stream). Floating-point
 Gaussian samplers are not exactly Gaussian (finite precision; see Mironov 2012 on such
 attacks on the Laplace mechanism); this is the caveat every floating-point DP-SGD shares.
 """
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+
+from dpllm.privacy.seeds import secret_seed
 
 CHUNK = 1 << 20  # entries per stream
 # On CPU a stream is drawn and added SERIAL_SLICE entries at a time: element-wise ops on fewer
@@ -32,23 +36,16 @@ SERIAL_SLICE = 1 << 15
 
 class GaussianNoise:
     def __init__(self, noise_multiplier: float, max_grad_norm: float, seed: int | None = None, secure: bool = False):
+        """``seed``: the secret base seed (default: drawn from ``os.urandom``); ``secure``: never save it."""
         if not 0 <= noise_multiplier < math.inf:
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
         if not 0 < max_grad_norm < math.inf:
             raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
-        if secure and seed is not None:
-            raise ValueError("secure mode draws its own seed from os.urandom; do not pass one")
-        if not secure and seed is None:
-            raise ValueError("give a seed, or use secure=True")
         self.std = noise_multiplier * max_grad_norm
         self.secure = secure
-        self._seed = int.from_bytes(os.urandom(8), "little") if secure else int(seed)
+        self._seed = secret_seed() if seed is None else int(seed)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_width = 0
-
-    def share_seed(self, broadcast) -> None:
-        """Make every rank use rank 0's seed; ``broadcast(value) -> rank 0's value``. The seed is never logged."""
-        self._seed = int(broadcast(self._seed))
 
     def _stream_seed(self, step: int, name: str, chunk: int) -> int:
         digest = hashlib.blake2b(f"{self._seed}:{step}:{name}:{chunk}".encode(), digest_size=8).digest()
@@ -120,6 +117,7 @@ class GaussianNoise:
     def state_dict(self) -> dict:
         if self.secure:
             raise RuntimeError("secure-mode noise state is never saved; a resumed run draws a fresh seed")
+        # Checkpoints hold this: they are as secret as the training data.
         return {"seed": self._seed}
 
     def load_state_dict(self, state: dict) -> None:

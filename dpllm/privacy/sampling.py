@@ -7,35 +7,29 @@ large expected batch fits in memory; an empty logical batch is a valid (noise-on
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from dpllm.privacy.seeds import secret_seed
 
 
 class PoissonSampler:
     def __init__(self, num_examples: int, sample_rate: float, seed: int | None = None, secure: bool = False):
+        """``seed``: secret (default: drawn from ``os.urandom``), since who was sampled is part of
+        what the guarantee hides; ``secure``: never save the generator state."""
         if num_examples <= 0:
             raise ValueError(f"cannot sample from an empty dataset (num_examples={num_examples})")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.num_examples = num_examples
         self.sample_rate = sample_rate
-        if secure and seed is not None:
-            raise ValueError("secure mode draws its own seed from os.urandom; do not pass one")
-        if not secure and seed is None:
-            raise ValueError("give a seed, or use secure=True")
         self.generator = torch.Generator()
-        self.generator.manual_seed(int.from_bytes(os.urandom(8), "little") if secure else int(seed))
+        self.generator.manual_seed((secret_seed() if seed is None else int(seed)) & (2**64 - 1))
         self.secure = secure
 
     def sample(self) -> list[int]:
         """Indices of the next logical batch, in increasing order."""
         draws = torch.rand(self.num_examples, generator=self.generator)
         return torch.nonzero(draws < self.sample_rate).flatten().tolist()
-
-    def share_seed(self, broadcast) -> None:
-        """Make every rank draw rank 0's samples: the union of the ranks' shares is one Poisson sample."""
-        self.generator.manual_seed(int(broadcast(int(self.generator.initial_seed()))))
 
     def state_dict(self) -> dict:
         if self.secure:

@@ -7,8 +7,14 @@ A checkpoint is a folder ``checkpoints/step_{N}`` holding everything the next st
                     torchrun ddp and FSDP2: each rank writes its own shards)
     optim_rank{r}.pt  DeepSpeed's ZeRO optimizer partition of rank r (fp32 master weights included)
     rng_rank{r}.pt  rank r's torch generator states (CPU and CUDA), which draw dropout masks
-    state.json      step, accountant history, sampler generator state, noise seed (not in
-                    secure mode: a resumed secure run draws fresh seeds), metrics rows so far
+    state.json      step, the run's privacy context (private or not, dataset size and
+                    fingerprint, delta, accountant), accountant history, sampler generator
+                    state, noise seed (not in secure mode: a resumed secure run draws fresh
+                    seeds), metrics rows so far (diagnostics included)
+
+A checkpoint is as secret as the training data: its seeds replay the run's noise and sample, and
+its rows hold non-private statistics. Publish ``final/`` (and the publishable logs), never
+``checkpoints/``.
 
 Every rank writes into ``step_{N}.partial``; after a barrier rank 0 renames it to ``step_{N}``
 (a rename is atomic) and then rewrites ``latest`` by rename too. A run killed at any moment
@@ -22,11 +28,33 @@ import base64
 import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class PrivacyContext:
+    """What a run's privacy history means; a resume into a run with another context would
+    report an epsilon that does not describe what the released model has spent."""
+
+    private: bool
+    num_train_examples: int
+    delta: float
+    accountant: str
+    train_data_sha256: str
+
+    def differences(self, saved: dict | None) -> list[str]:
+        if saved is None:
+            return ["the checkpoint records no privacy context"]
+        return [
+            f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+            for key, value in asdict(self).items()
+            if saved.get(key) != value
+        ]
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -67,7 +95,10 @@ def gather_full_state(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer, accountant, sampler, noise, rows) -> Path:
+def save(
+    output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer, accountant, sampler, noise, rows,
+    privacy: PrivacyContext,
+) -> Path:
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + PARTIAL)
     if env.is_main:
@@ -95,7 +126,8 @@ def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer
             "step": step,
             "world_size": env.world_size,
             "engine": engine,
-            "accountant": accountant.state_dict() if accountant is not None else None,
+            "privacy": asdict(privacy),
+            "accountant": accountant.state_dict() if privacy.private else None,
             "sampler": None if sampler.secure else _tensor_to_text(sampler.state_dict()["generator"]),
             "noise": None if noise is None or noise.secure else noise.state_dict(),
             "rows": rows,
@@ -108,13 +140,25 @@ def save(output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer
     return final
 
 
-def load(path: Path, *, env, engine: str, model, optimizer, accountant, sampler, noise) -> dict:
-    """Restore the states saved by :func:`save` into freshly built objects; returns state.json."""
+def load(
+    path: Path, *, env, engine: str, model, optimizer, accountant, sampler, noise, privacy: PrivacyContext,
+    accept_mismatch: bool = False,
+) -> dict:
+    """Restore the states saved by :func:`save` into freshly built objects; returns state.json,
+    with ``privacy_mismatch`` listing how its privacy context differs from ``privacy`` (refused
+    unless ``accept_mismatch``)."""
     state = json.loads((path / "state.json").read_text())
     if state["engine"] != engine or state["world_size"] != env.world_size:
         raise ValueError(
             f"{path} was written by engine {state['engine']} on {state['world_size']} processes; "
             f"resume it with the same (this run: {engine} on {env.world_size})"
+        )
+    state["privacy_mismatch"] = mismatch = privacy.differences(state.get("privacy"))
+    if mismatch and not accept_mismatch:
+        raise ValueError(
+            f"{path} is a checkpoint of a run with another privacy history ({'; '.join(mismatch)}): the epsilon "
+            "reported after resuming would not describe the model. Resume a checkpoint of this run, or set "
+            "privacy.accept_resume_mismatch=true to go on anyway (the summary and final/privacy.json record it)"
         )
     if engine == "deepspeed":
         from safetensors.torch import load_file
@@ -139,8 +183,9 @@ def load(path: Path, *, env, engine: str, model, optimizer, accountant, sampler,
         dcp.load(loaded, checkpoint_id=path / "sharded", no_dist=not env.distributed)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     _set_generator_states(torch.load(path / f"rng_rank{env.rank}.pt"))
-    if accountant is not None and state["accountant"] is not None:
-        accountant.load_state_dict(state["accountant"])
+    if privacy.private and state["accountant"] is not None:
+        # the history is the mechanism's; an accepted mismatch composes it at this run's delta
+        accountant.load_state_dict({**state["accountant"], "delta": accountant.delta, "accountant": accountant.accountant})
     if state["sampler"] is not None and not sampler.secure:
         sampler.load_state_dict({"generator": _text_to_tensor(state["sampler"])})
     if noise is not None and state["noise"] is not None and not noise.secure:

@@ -1,14 +1,19 @@
 """One optimizer step over a logical batch, as the named stages of DP-SGD.
 
     clip_and_accumulate   per micro-batch: per-sample norms (ghost norms, one backward),
-                          clip, sum into p.grad
+                          clip, add to the step's clipped sums
     add_noise             N(0, (sigma C)^2) per coordinate, once per logical batch
     denoise               (optional) RMT denoising of the noisy projection matrices, s = sigma C;
                           post-processing of the private sum, so privacy is unchanged
     average               divide by the expected batch size q N (not the realised size,
                           which would leak it)
-    optimizer_step        the wrapped optimizer's step, then zero the gradients
+    optimizer_step        p.grad = the result cast to the parameter dtype, the wrapped
+                          optimizer's step, then zero the gradients
     accountant_step       one Poisson-subsampled Gaussian step for the accountant
+
+The clipped sums, the noise and the denoising stay in fp32 (fp64 for fp64 models) whatever the
+parameter dtype, and are cast once, after the noise: adding clipped gradients in bf16 would make
+the rounding of the sum depend on the other samples, and one sample could move it by more than C.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from dpllm.denoise.gradient import GradientDenoiser, cosine
+from dpllm.denoise.gradient import GradBuffer, GradientDenoiser, cosine
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
 from dpllm.privacy.noise import GaussianNoise
@@ -55,7 +60,11 @@ class PrivateStep:
                 f"the noise's std {noise.std} is not noise_multiplier * max_grad_norm = "
                 f"{noise_multiplier * max_grad_norm}: the accountant would report a privacy the run does not have"
             )
-        self.clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy, **(clipper_options or {}))
+        self.sums: dict[str, Tensor] = {}  # name -> this logical batch's clipped sum, fp32 at least
+        self.clipper = PerSampleClipper(
+            model, max_grad_norm=max_grad_norm, strategy=strategy, grad_sink=self.sums, **(clipper_options or {})
+        )
+        self.params = dict(self.clipper.by_name)
         self.optimizer = optimizer
         self.noise = noise
         self.noise_multiplier = noise_multiplier
@@ -63,8 +72,8 @@ class PrivateStep:
         self.expected_batch_size = expected_batch_size
         self.accountant = accountant
         self.step_index = 0
-        named = {self.clipper.names[p]: p for p in self.clipper.parameters}
-        self.denoiser = GradientDenoiser(named, **denoiser_options) if denoiser_options is not None else None
+        self._buffers = {n: GradBuffer(shape) for n, shape in self.clipper.shapes.items()}
+        self.denoiser = GradientDenoiser(self._buffers, **denoiser_options) if denoiser_options is not None else None
         if denoise_every < 1:
             raise ValueError(f"denoise_every must be >= 1, got {denoise_every}")
         if denoise_start < 0:
@@ -72,10 +81,6 @@ class PrivateStep:
         self.denoise_every, self.denoise_start = denoise_every, denoise_start
         self.diagnostics = diagnostics
         self._reset_stats()
-
-    @property
-    def parameters(self) -> list[nn.Parameter]:
-        return self.clipper.parameters
 
     def _reset_stats(self) -> None:
         self._samples = self._clipped = self._dropped = 0
@@ -90,15 +95,23 @@ class PrivateStep:
         self._dropped += self.clipper.last_dropped
         return norms
 
+    def _complete_sums(self) -> dict[str, Tensor]:
+        """The clipped sums of every parameter, zeros for those no sample reached."""
+        some = next(iter(self.params.values()))
+        dtype = torch.promote_types(some.dtype, torch.float32)
+        for name, shape in self.clipper.shapes.items():
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(shape, dtype=dtype, device=some.device)
+        return self.sums
+
     def add_noise(self) -> None:
-        for p in self.parameters:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.noise.add_(self.step_index, {self.clipper.names[p]: p.grad for p in self.parameters})
+        self.noise.add_(self.step_index, self._complete_sums())
 
     def denoise(self) -> dict:
         if self.denoiser is None or not self._denoise_due():
             return {}
+        for name in self.denoiser.names:
+            self._buffers[name].grad = self.sums[name]
         return self.denoiser(self.noise.std).as_log()
 
     def _denoise_due(self) -> bool:
@@ -106,22 +119,23 @@ class PrivateStep:
         return since >= 0 and since % self.denoise_every == 0
 
     def average(self) -> None:
-        for p in self.parameters:
-            p.grad.div_(self.expected_batch_size)
+        for g in self.sums.values():
+            g.div_(self.expected_batch_size)
 
     def optimizer_step(self) -> None:
+        for name, g in self.sums.items():
+            p = self.params[name]
+            p.grad = g.to(p.dtype)  # the one cast to the parameter dtype, after the noise
+        self.sums.clear()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def _snapshot(self) -> dict[str, Tensor]:
-        return {
-            self.clipper.names[p]: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-            for p in self.parameters
-        }
+        return {name: g.clone() for name, g in self._complete_sums().items()}
 
     def _cosine_gains(self, clipped: dict[str, Tensor], noisy: dict[str, Tensor]) -> dict:
         """cos(denoised, clipped) - cos(noisy, clipped), per denoised layer and for the whole gradient."""
-        now = {self.clipper.names[p]: p.grad for p in self.parameters}
+        now = self.sums
         layers = {
             name: cosine([now[name]], [clipped[name]]) - cosine([noisy[name]], [clipped[name]])
             for name in self.denoiser.names

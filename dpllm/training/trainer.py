@@ -13,19 +13,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpllm.config import RunConfig, to_dict
+from dpllm.config import RunConfig, publishable_dict
 from dpllm.distributed import ShardedPrivateStep, init_distributed
 from dpllm.models import load_model_and_tokenizer, pad_token_id
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
 from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon, max_steps_within
+from dpllm.privacy.mixing import check_per_sample
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
+from dpllm.privacy.seeds import derive, secret_seed
 from dpllm.tasks import get_task
 from dpllm.training import checkpoint
 from dpllm.training.evaluation import GenerationEval, write_results
 from dpllm.training.objectives import Objective, objective_for
 from dpllm.training.metrics import MetricsLog
+from dpllm.training.privacy_report import privacy_report, write_privacy_report
 from dpllm.training.private_step import NonPrivateStep, PrivateStep
 
 log = logging.getLogger("dpllm")
@@ -66,16 +69,17 @@ def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
     return PrivacyPlan(q, steps, delta, sigma, eps)
 
 
-def _derived_seed(seed: int, purpose: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{purpose}".encode(), digest_size=8).digest(), "little") >> 1
-
-
 def load_task_data(config: RunConfig, tokenizer, objective: Objective):
-    """Eval rows (for generation), encoded train and eval examples, and how many were truncated."""
+    """Eval rows (for generation), encoded train and eval examples, and counts of truncated and
+    duplicated rows (statistics of the training data: diagnostics, not for publication)."""
     d = config.data
     train_rows = objective.load(d.train_file, d.train_split, d.max_train_examples)
     eval_rows = objective.load(d.eval_file, d.eval_split, d.max_eval_examples) if d.eval_file else []
-    counts = {"truncated_train": 0, "truncated_eval": 0}
+    counts = {
+        "truncated_train": 0,
+        "truncated_eval": 0,
+        "duplicate_train_rows": len(train_rows) - len({repr(row) for row in train_rows}),
+    }
 
     def encode(rows, key):
         out = []
@@ -96,10 +100,10 @@ def _optimizer(config: RunConfig, params):
 
 
 def train(config: RunConfig) -> dict:
-    """Fine-tune as ``config`` says; returns the run summary written to output_dir/summary.json."""
+    """Fine-tune as ``config`` says; returns the run summary (summary.json holds its publishable part)."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # initialisation and dropout; the sample and the noise use the secret root
     env = init_distributed(config.engine)
     if config.engine == "single" and env.distributed:
         raise ValueError(f"{env.world_size} processes were launched but engine is 'single'; pick ddp or deepspeed")
@@ -119,14 +123,17 @@ def train(config: RunConfig) -> dict:
         optimizer = _deepspeed_optimizer(config, model, optimizer)
     expected_batch = plan.sample_rate * len(train_data)
     accountant = PrivacyAccountant(plan.delta, p.accountant)
+    # The root of the sample and the noise: rank 0's, secret unless the user fixed it.
+    root = env.broadcast_int(p.noise_seed if p.noise_seed is not None else secret_seed())
     if p.enabled:
-        noise = GaussianNoise(
-            plan.noise_multiplier,
-            p.max_grad_norm,
-            seed=None if p.secure_mode else _derived_seed(config.seed, "noise"),
-            secure=p.secure_mode,
-        )
-        noise.share_seed(env.broadcast_int)
+        probe = objective.collate(train_data[: max(2, config.micro_batch_size)], pad_id)
+        check_per_sample(model, objective.per_sample_loss, {k: v.to(device) for k, v in probe.items()})
+        if p.noise_seed is not None:
+            log.warning(
+                "privacy.noise_seed is set: the reported epsilon assumes that number stays secret "
+                "(whoever knows it can replay the noise); it is not written to any published file"
+            )
+        noise = GaussianNoise(plan.noise_multiplier, p.max_grad_norm, seed=derive(root, "noise"), secure=p.secure_mode)
         common = dict(
             max_grad_norm=p.max_grad_norm,
             noise=noise,
@@ -152,23 +159,17 @@ def train(config: RunConfig) -> dict:
                 stepper.use_sharded(model, optimizer)
         if config.denoise.diagnostics:
             log.warning(
-                "denoise.diagnostics is on: metrics.jsonl will hold cosines to the clipped, pre-noise gradient. "
-                "These numbers are NOT differentially private; never publish them or use them to tune a private run."
+                "denoise.diagnostics is on: diagnostics/metrics.jsonl will hold cosines to the clipped, pre-noise "
+                "gradient. These numbers are NOT differentially private; never publish them or use them to tune a private run."
             )
     elif config.engine != "single":
         raise ValueError("privacy.enabled=false (the non-private baseline) runs with engine 'single' only")
     else:
         stepper = NonPrivateStep(model, optimizer, expected_batch_size=expected_batch)
-    sampler = PoissonSampler(
-        len(train_data),
-        plan.sample_rate,
-        seed=None if p.secure_mode else _derived_seed(config.seed, "sampler"),
-        secure=p.secure_mode,
-    )
-    sampler.share_seed(env.broadcast_int)
-    metrics = MetricsLog(out, enabled=env.is_main)
+    sampler = PoissonSampler(len(train_data), plan.sample_rate, seed=derive(root, "sampler"), secure=p.secure_mode)
+    metrics = MetricsLog(out, enabled=env.is_main, diagnostics=p.diagnostics_log)
     if env.is_main:
-        (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+        (out / "config.json").write_text(json.dumps(publishable_dict(config), indent=2))
     header = {
         "step": 0,
         "num_train_examples": len(train_data),
@@ -181,21 +182,26 @@ def train(config: RunConfig) -> dict:
     }
     evaluates = env.is_main or config.engine == "fsdp"  # FSDP2's forward needs every rank
     noise = stepper.noise if p.enabled else None
+    history = checkpoint.PrivacyContext(
+        private=p.enabled, num_train_examples=len(train_data), delta=plan.delta, accountant=p.accountant,
+        train_data_sha256=_fingerprint(train_data),
+    )
 
     def save_checkpoint(step: int):
         return checkpoint.save(
             out, step, env=env, engine=config.engine, model=model, tokenizer=tokenizer, optimizer=stepper.optimizer,
-            accountant=accountant, sampler=sampler, noise=noise, rows=metrics.rows,
+            accountant=accountant, sampler=sampler, noise=noise, rows=metrics.rows, privacy=history,
         )
 
-    start = 0
+    start, resume_mismatch = 0, []
     if config.resume:
         path = checkpoint.resolve(config.resume)
         state = checkpoint.load(
             path, env=env, engine=config.engine, model=model, optimizer=stepper.optimizer,
-            accountant=accountant, sampler=sampler, noise=noise,
+            accountant=accountant, sampler=sampler, noise=noise, privacy=history, accept_mismatch=p.accept_resume_mismatch,
         )
         start = stepper.step_index = state["step"]
+        resume_mismatch = state["privacy_mismatch"]
         for row in state["rows"]:
             metrics.log(row)
         header = state["rows"][0]
@@ -247,7 +253,7 @@ def train(config: RunConfig) -> dict:
             if scorer and gen.every and done % gen.every == 0:
                 row["scores"] = scorer(model, tokenizer, done)
             metrics.log(row)
-            bar.set_postfix(loss=row["loss"], eps=row["epsilon"])
+            bar.set_postfix(eps=row["epsilon"])
         if config.checkpoint_every and done % config.checkpoint_every == 0:
             save_checkpoint(done)
     bar.close()
@@ -256,6 +262,10 @@ def train(config: RunConfig) -> dict:
         if not (config.checkpoint_every and end % config.checkpoint_every == 0):
             log.warning("stopped at step %d to stay within epsilon %g; checkpoint in %s", end, p.target_epsilon, save_checkpoint(end))
 
+    report = privacy_report(
+        config, plan, accountant, engine=config.engine, world_size=env.world_size,
+        duplicates=data_counts["duplicate_train_rows"], resume_mismatch=resume_mismatch,
+    )
     summary = {
         "steps": end,
         "planned_steps": plan.steps,
@@ -265,17 +275,27 @@ def train(config: RunConfig) -> dict:
         "sample_rate": plan.sample_rate,
         "accountant": p.accountant,
         "world_size": env.world_size,
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "seed_secret": p.noise_seed is None,
+        "resume_mismatch": resume_mismatch,
     }
+    diagnostics = {"train_seconds": round(time.perf_counter() - started, 1)}
     if config.engine == "fsdp":
         model = _gathered_copy(config, model, env, objective.num_labels)
     if env.is_main:  # rank 0 evaluates and saves the (replicated or gathered) model
         summary.update(_finish(config, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, end))
+        write_privacy_report(out / "final", report)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if p.diagnostics_log:
+            (out / "diagnostics" / "summary.json").write_text(json.dumps(diagnostics, indent=2))
         if summary["scores"] is not None:
             write_results(out / "results.json", summary["scores"], task=config.data.task, step=end, epsilon=summary["epsilon"])
     env.barrier()
-    return summary
+    return {**summary, **diagnostics}
+
+
+def _fingerprint(examples: list[dict]) -> str:
+    """Identifies the encoded training set, so a checkpoint of a run on other data is recognised."""
+    return hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
 
 
 def _finish(config, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, steps: int) -> dict:
@@ -295,6 +315,9 @@ def _finish(config, objective, model, tokenizer, metrics, header, eval_data, pad
     tokenizer.save_pretrained(out / "final")
     metrics.plot(out / "training.png")
     metrics.plot_denoising(out / "denoising.png")
+    if config.privacy.diagnostics_log:
+        metrics.plot(out / "diagnostics" / "training.png", public=False)
+        metrics.plot_denoising(out / "diagnostics" / "denoising.png", public=False)
     if final_scores is not None:
         metrics.plot_scores(out / "scores.png")
     before = {f"{k}_before": v for k, v in header.items() if k.startswith("eval_")}

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dpllm.training.metrics import read_logs
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench/sample_efficiency.py"
 
@@ -42,8 +44,7 @@ def test_smoke_run_compares_seed_matched_variants(tmp_path):
     assert [(r["epsilon"], r["variant"]) for r in table] == [(8.0, "baseline"), (8.0, "denoised")]
     runs = {}
     for row in table:
-        lines = (out / "runs" / f"eps8_{row['variant']}_seed0" / "metrics.jsonl").read_text().splitlines()
-        metrics = [json.loads(line) for line in lines]
+        metrics = read_logs(out / "runs" / f"eps8_{row['variant']}_seed0")
         runs[row["variant"]] = metrics
         evals = {m["step"]: m["eval_loss"] for m in metrics if "eval_loss" in m}
         assert sorted(evals) == [0, 2, 4]

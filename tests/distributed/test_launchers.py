@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpllm.training.metrics import read_logs
 from tests.conftest import save_tiny_bert
 from tests.launchers import RECIPE, REPO, TINY, command, env
 
@@ -16,7 +17,7 @@ def _launch(kind: str, out: Path, extra: list[str], recipe=("--recipe", RECIPE, 
     args = [*recipe, "max_steps=3", f"output_dir={out}", *extra]
     done = subprocess.run(command(kind, args, script), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_logs(out)
     return {"params": load_file(out / "final/model.safetensors"), "rows": rows, "summary": json.loads((out / "summary.json").read_text())}
 
 

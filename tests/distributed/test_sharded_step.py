@@ -1,37 +1,19 @@
 """The sharded private step on 1 and 2 gloo processes (CPU), against single-process references."""
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dpllm.denoise.gradient import GradientDenoiser
-from dpllm.distributed import DistEnv, ShardedPrivateStep, assign_owners
+from dpllm.distributed import ShardedPrivateStep, assign_owners
 from dpllm.lm import forward_per_sample_loss
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.noise import GaussianNoise
 from tests.conftest import tiny_batch, tiny_model
+from tests.multiprocess import run_on_ranks
 
 SIGMA, C, B = 0.7, 1.3, 32.0
-
-
-def _run(world_size: int, fn, *args) -> list:
-    """Run ``fn(env, *args)`` on ``world_size`` gloo processes; returns each rank's result."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world_size, tmp, fn, args), nprocs=world_size, join=True)
-        return [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(world_size)]
-
-
-def _worker(rank, world_size, tmp, fn, args):
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world_size)
-    try:
-        torch.save(fn(DistEnv(rank, world_size), *args), os.path.join(tmp, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _step(env, model, denoise=None, lr=1.0):
@@ -64,8 +46,8 @@ def _zero_signal_update(env):
 
 @pytest.mark.slow
 def test_zero_signal_update_is_one_noise_draw_on_one_and_two_processes():
-    one = _run(1, _zero_signal_update)[0]
-    two = _run(2, _zero_signal_update)
+    one = run_on_ranks(1, _zero_signal_update)[0]
+    two = run_on_ranks(2, _zero_signal_update)
     assert torch.equal(two[0], two[1])  # replicated parameters stay identical
     assert torch.allclose(one, two[0], rtol=0, atol=1e-15)  # the same noise, added once
     n = one.numel()
@@ -79,8 +61,8 @@ def test_zero_signal_update_is_one_noise_draw_on_one_and_two_processes():
 def _denoise_sharded(env, grads):
     model = tiny_model("llama", dtype=torch.float64, seed=0, hidden=64, vocab=128)
     step = _step(env, model, denoise={"method": "full"})
-    for name, p in step.params.items():
-        p.grad = grads[name] / env.world_size  # the ranks' partial sums add up to the full gradient
+    for name in step.params:
+        step.sums[name] = grads[name] / env.world_size  # the ranks' partial sums add up to the full gradient
     step.reduce_to_owners()
     stats = step.denoise()
     step.average()
@@ -107,7 +89,7 @@ def test_sharded_denoising_equals_single_process_denoising():
         p.grad = grads[name].clone()
     reference = GradientDenoiser(ref_params, method="full")
     ref_stats = reference(s)
-    two = _run(2, _denoise_sharded, grads)
+    two = run_on_ranks(2, _denoise_sharded, grads)
     assert two[0]["owned"] and two[1]["owned"] and not set(two[0]["owned"]) & set(two[1]["owned"])
     assert sorted(two[0]["owned"] + two[1]["owned"]) == sorted(reference.names)
     for name, p in ref_params.items():

@@ -55,16 +55,19 @@ def test_noise_is_added_in_place_and_does_not_depend_on_threads_or_layout():
     assert torch.equal(transposed, results[0]["mid"])
 
 
-def test_secure_mode_seeds_from_os_and_refuses_to_save():
-    a, b = GaussianNoise(1.0, 1.0, secure=True), GaussianNoise(1.0, 1.0, secure=True)
+def test_seeds_are_secret_by_default_and_secure_mode_refuses_to_save():
     like = torch.empty(32)
-    assert not torch.equal(a.sample(0, "w", like), b.sample(0, "w", like))
+    for secure in (False, True):
+        a, b = GaussianNoise(1.0, 1.0, secure=secure), GaussianNoise(1.0, 1.0, secure=secure)
+        assert not torch.equal(a.sample(0, "w", like), b.sample(0, "w", like))
+        s, t = PoissonSampler(1000, 0.5, secure=secure), PoissonSampler(1000, 0.5, secure=secure)
+        assert s.sample() != t.sample()
+    fixed = GaussianNoise(1.0, 1.0, seed=1), GaussianNoise(1.0, 1.0, seed=1)
+    assert torch.equal(fixed[0].sample(0, "w", like), fixed[1].sample(0, "w", like))
     with pytest.raises(RuntimeError, match="never saved"):
-        a.state_dict()
-    with pytest.raises(ValueError, match="seed"):
-        GaussianNoise(1.0, 1.0, seed=1, secure=True)
-    with pytest.raises(ValueError, match="seed"):
-        GaussianNoise(1.0, 1.0)
+        GaussianNoise(1.0, 1.0, secure=True).state_dict()
+    with pytest.raises(RuntimeError, match="never saved"):
+        PoissonSampler(10, 0.5, secure=True).state_dict()
 
 
 def test_noise_bad_arguments():

@@ -60,8 +60,9 @@ def test_kill_and_resume_gives_the_straight_run(tmp_path, kind):
     )
     for name, value in straight["params"].items():
         torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-5 if kind != "single" else 0)
-    rows = [json.loads(line) for line in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # the log continues, no gap or repeat
+    for log in ("metrics.jsonl", "diagnostics/metrics.jsonl"):  # each log continues, no gap or repeat
+        rows = [json.loads(line) for line in (tmp_path / "killed" / log).read_text().splitlines()]
+        assert [r["step"] for r in rows if "epsilon" in r or "loss" in r] == [1, 2, 3, 4, 5, 6]
     saved = load_file(tmp_path / "killed/checkpoints/step_3/model/model.safetensors")  # HF form, every engine
     assert set(saved) == set(straight["params"])
 
@@ -121,8 +122,45 @@ def test_resume_refuses_another_engine_or_world_size(tmp_path):
 
 
 def test_secure_mode_checkpoints_hold_no_seed(tmp_path):
-    train(load_config(RECIPE, COMMON + ["privacy.secure_mode=true", "max_steps=2", "checkpoint_every=2", f"output_dir={tmp_path}"]))
+    secure = COMMON + ["privacy.noise_seed=null", "privacy.secure_mode=true"]
+    train(load_config(RECIPE, secure + ["max_steps=2", "checkpoint_every=2", f"output_dir={tmp_path}"]))
     state = json.loads((tmp_path / "checkpoints/step_2/state.json").read_text())
     assert state["sampler"] is None and state["noise"] is None and state["accountant"]["history"] == [[1.0, Q, 2]]
-    resumed = train(load_config(RECIPE, COMMON + ["privacy.secure_mode=true", "max_steps=3", f"resume={tmp_path}", f"output_dir={tmp_path}"]))
+    resumed = train(load_config(RECIPE, secure + ["max_steps=3", f"resume={tmp_path}", f"output_dir={tmp_path}"]))
     assert resumed["epsilon"] == pytest.approx(compute_epsilon(1.0, Q, 3, DELTA), rel=1e-9)
+
+
+def test_a_default_run_with_a_secret_seed_resumes_exactly(tmp_path):
+    """The checkpoint keeps the secret seed (checkpoints are secret): the resumed run is the straight run."""
+    secret = COMMON + ["privacy.noise_seed=null", "max_steps=4"]
+    train(load_config(RECIPE, secret + ["checkpoint_every=2", f"output_dir={tmp_path / 'straight'}"]))
+    train(load_config(RECIPE, secret + [f"resume={tmp_path / 'straight/checkpoints/step_2'}", f"output_dir={tmp_path / 'resumed'}"]))
+    train(load_config(RECIPE, secret + [f"output_dir={tmp_path / 'restarted'}"]))
+    straight, resumed, restarted = (load_file(tmp_path / f"{r}/final/model.safetensors") for r in ("straight", "resumed", "restarted"))
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(restarted[n], v) for n, v in straight.items())  # a fresh run draws another secret
+
+
+@pytest.mark.parametrize(
+    "first, then, named",
+    [
+        (["privacy.enabled=false"], [], "private: checkpoint False, this run True"),
+        ([], ["data.max_train_examples=100"], "num_train_examples: checkpoint 200, this run 100"),
+        ([], ["privacy.delta=1e-4"], "delta: checkpoint 0.0025, this run 0.0001"),
+        ([], ["data.max_length=32"], "train_data_sha256"),
+    ],
+    ids=["non_private_checkpoint", "dataset_size", "delta", "other_data"],
+)
+def test_resume_refuses_a_checkpoint_of_another_privacy_history(tmp_path, first, then, named):
+    train(load_config(RECIPE, COMMON + first + ["max_steps=2", "checkpoint_every=2", f"output_dir={tmp_path / 'first'}"]))
+    resume = COMMON + then + ["max_steps=4", f"resume={tmp_path / 'first'}", f"output_dir={tmp_path / 'second'}"]
+    with pytest.raises(ValueError, match=rf"another privacy history \(.*{named}.*accept_resume_mismatch"):
+        train(load_config(RECIPE, resume))
+    assert not (tmp_path / "second/final").exists()
+    summary = train(load_config(RECIPE, resume + ["privacy.accept_resume_mismatch=true"]))
+    report = json.loads((tmp_path / "second/final/privacy.json").read_text())
+    assert any(named in m for m in summary["resume_mismatch"]) and report["resume_mismatch"] == summary["resume_mismatch"]
+    assert "history differs" in (tmp_path / "second/final/PRIVACY.md").read_text()
+    if first:  # the non-private steps are not in the history: epsilon covers the 2 private steps only
+        assert summary["epsilon"] == pytest.approx(compute_epsilon(1.0, Q, 2, DELTA), rel=1e-9)

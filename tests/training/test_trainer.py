@@ -57,13 +57,17 @@ def run(tmp_path, model_path, *extra):
     return config, train(config)
 
 
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_run_writes_logs_model_and_spends_what_it_reports(tmp_path, local_models, family):
     config, summary = run(tmp_path, local_models[family])
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    assert all(math.isfinite(r["loss"]) and r["epsilon"] > 0 for r in steps)
+    steps = [r for r in read_rows(tmp_path / "metrics.jsonl") if r.get("step", 0) > 0 and "epsilon" in r]
+    diagnostics = [r for r in read_rows(tmp_path / "diagnostics/metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == [r["step"] for r in diagnostics] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in diagnostics) and all(r["epsilon"] > 0 for r in steps)
     assert [r["epsilon"] for r in steps] == sorted(r["epsilon"] for r in steps)
     q = 16 / 200
     eps = compute_epsilon(summary["noise_multiplier"], q, 4, 1 / 400)
@@ -74,25 +78,33 @@ def test_run_writes_logs_model_and_spends_what_it_reports(tmp_path, local_models
     assert AutoTokenizer.from_pretrained(tmp_path / "final").vocab_size == 512
     assert summary["eval_loss_after"] is not None and math.isfinite(summary["eval_loss_after"])
     assert reloaded.config.model_type == family
+    report = json.loads((tmp_path / "final/privacy.json").read_text())
+    assert report["epsilon"] == summary["epsilon"] and report["steps"] == 4 and report["seed_secret"] is True
+    assert (report["sample_rate"], report["delta"], report["max_grad_norm"]) == (q, 1 / 400, 1.0)
+    assert report["noise_multiplier"] == summary["noise_multiplier"] and report["unit"] == "one training row"
+    assert "secret seed" in (tmp_path / "final/PRIVACY.md").read_text()
 
 
-def test_same_seed_same_result_other_seed_differs(tmp_path, local_models):
-    def final_params(sub, seed):
-        run(tmp_path / sub, local_models["llama"], f"seed={seed}")
+def test_fixed_noise_seed_reproduces_and_the_default_does_not(tmp_path, local_models):
+    def final_params(sub, *extra):
+        run(tmp_path / sub, local_models["llama"], "seed=1", *extra)
         model = AutoModelForCausalLM.from_pretrained(tmp_path / sub / "final")
         return torch.cat([p.flatten() for p in model.parameters()])
 
-    a, b, c = final_params("a", 1), final_params("b", 1), final_params("c", 2)
+    a, b = final_params("a", "privacy.noise_seed=5"), final_params("b", "privacy.noise_seed=5")
+    c, d = final_params("c"), final_params("d")
     assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    assert not torch.equal(c, d) and not torch.equal(a, c)
+    summary = json.loads((tmp_path / "a/summary.json").read_text())
+    assert summary["seed_secret"] is False
+    assert "holds only while that number stays secret" in (tmp_path / "a/final/PRIVACY.md").read_text()
 
 
 @pytest.mark.slow
 def test_generation_scores_during_and_after_training(tmp_path, local_models):
     gen = ["generation.every=2", "generation.max_inputs=4", "generation.num_beams=2", "generation.max_new_tokens=8"]
     _, summary = run(tmp_path, local_models["llama"], "generation.at_end=true", *gen)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    scored = [r for r in rows if "scores" in r]
+    scored = [r for r in read_rows(tmp_path / "metrics.jsonl") if "scores" in r]
     assert [r["step"] for r in scored] == [2, 4]  # the last step's scores are reused, not recomputed
     assert summary["scores"] == scored[-1]["scores"]
     assert set(summary["scores"]) == {"bleu", "nist", "meteor", "rouge_l", "cider"}
@@ -143,9 +155,10 @@ def test_denoised_run_logs_denoising_and_spends_the_same_epsilon(tmp_path, local
     _, plain = run(tmp_path / "plain", local_models["llama"])
     _, denoised = run(tmp_path / "den", local_models["llama"], "denoise.enabled=true", "denoise.diagnostics=true")
     assert denoised["epsilon"] == plain["epsilon"]  # post-processing: the same privacy
-    rows = [json.loads(line) for line in (tmp_path / "den/metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    assert all(0 <= r["denoised_fraction"] <= 1 and "cos_gain" in r for r in steps)
+    steps = [r for r in read_rows(tmp_path / "den/metrics.jsonl") if r.get("step", 0) > 0 and "epsilon" in r]
+    assert len(steps) == 4 and all(0 <= r["denoised_fraction"] <= 1 and "cos_gain" not in r for r in steps)
+    diagnostics = [r for r in read_rows(tmp_path / "den/diagnostics/metrics.jsonl") if "loss" in r]
+    assert len(diagnostics) == 4 and all("cos_gain" in r for r in diagnostics)
     assert (tmp_path / "den/denoising.png").stat().st_size > 1000
 
 
@@ -156,7 +169,7 @@ def test_truncations_are_counted_and_a_large_delta_warns(tmp_path, local_models,
     with caplog.at_level("WARNING", logger="dpllm"):
         run(tmp_path, local_models["llama"], "privacy.delta=0.01", "data.max_length=150")
     assert "privacy.delta=0.01 is not below 1/N=0.005" in caplog.text
-    header = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    header = read_rows(tmp_path / "diagnostics/metrics.jsonl")[1]  # after the line that says what the file is
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     rows = e2e.load(REPO / "assets/data/e2e/train.csv", max_examples=200)
     expected = sum(tokenize(r, tok, 150)[1] for r in rows)
@@ -188,8 +201,8 @@ def test_glue_classification_run_on_a_local_bert(tmp_path):
     summary = train(config)
     assert 0 <= summary["eval_accuracy_after"] <= 1 and summary["eval_accuracy_before"] is not None
     assert summary["epsilon"] == pytest.approx(compute_epsilon(summary["noise_multiplier"], 32 / 300, 3, 1 / 600), rel=1e-9)
-    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    rows = read_rows(tmp_path / "run/metrics.jsonl")
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 3]
-    assert all("denoised_fraction" in r for r in rows if "loss" in r)
+    assert sum("denoised_fraction" in r for r in rows) == 3
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run/final")
     assert reloaded.config.num_labels == 2

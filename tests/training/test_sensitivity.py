@@ -1,0 +1,64 @@
+"""The sensitivity bound in low precision: removing one example moves the pre-noise sum by at most C.
+
+Clipped sums are accumulated (and reduced over ranks) in fp32 whatever the parameter dtype. Had
+they been added in bf16, the rounding of the sum would depend on the other samples: with this
+data, accumulating each micro-batch's sum in bf16 moves it by 1.025 C when one example goes.
+"""
+
+import pytest
+import torch
+
+from dpllm.distributed import ShardedPrivateStep
+from dpllm.lm import collate, forward_per_sample_loss
+from dpllm.privacy.accountant import PrivacyAccountant
+from dpllm.privacy.noise import GaussianNoise
+from dpllm.privacy.sampling import micro_batches, rank_share
+from tests.conftest import tiny_model
+from tests.multiprocess import run_on_ranks
+
+N, LENGTH, C, REMOVED = 512, 12, 1.0, 100
+
+
+def _examples() -> list[dict]:
+    """Equal lengths: removing one example changes no other example's padding."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(N):
+        ids = torch.randint(1, 96, (LENGTH,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return out
+
+
+def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None) -> dict[str, torch.Tensor]:
+    """The clipped sums each owner holds after the reduce (the stage before the noise)."""
+    model = tiny_model("llama", dtype=dtype, seed=0)
+    step = ShardedPrivateStep(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), env=env, max_grad_norm=C,
+        noise=GaussianNoise(1.0, C, seed=0), noise_multiplier=1.0, sample_rate=0.5, expected_batch_size=N / 2,
+        accountant=PrivacyAccountant(1e-5),
+    )
+    data = _examples()
+    mine = rank_share([i for i in range(N) if i != removed], env.rank, env.world_size)
+    for micro in micro_batches(mine, 16):
+        step.clip_and_accumulate(forward_per_sample_loss(model, collate([data[i] for i in micro], 0)))
+    step.reduce_to_owners()
+    return {name: g.clone() for name, g in step.sums.items() if step.owners[name] == env.rank}
+
+
+def _distance(world_size: int, dtype: torch.dtype) -> float:
+    full, without = ({k: v for rank in run_on_ranks(world_size, _pre_noise_sums, dtype, r) for k, v in rank.items()}
+                     for r in (None, REMOVED))
+    assert all(v.dtype == torch.float32 for v in full.values())
+    return sum(float((full[k].double() - without[k].double()).pow(2).sum()) for k in full) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_one_example_moves_the_pre_noise_sum_by_at_most_c_on_one_process(dtype):
+    distance = _distance(1, dtype)
+    assert 0.5 * C < distance <= C * (1 + 1e-5)  # the removed example is clipped, so it moved the sum by ~C
+
+
+@pytest.mark.slow
+def test_one_example_moves_the_pre_noise_sum_by_at_most_c_on_two_processes():
+    distance = _distance(2, torch.bfloat16)
+    assert 0.5 * C < distance <= C * (1 + 1e-5)

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None, default_recipe: str = "recipes/e2e/tiny_
     if summary.get("scores"):
         print(f"\n{config.data.task.upper()} scores on {config.data.eval_file} (step {summary['steps']}):")
         print(format_scores(summary["scores"]))
-    print(f"\nmodel, metrics.jsonl, training.png and results.json in {config.output_dir}")
+    print(f"\nin {config.output_dir}: publishable final/ (model, privacy.json, PRIVACY.md), metrics.jsonl, training.png, "
+          "results.json; NOT private (keep with the training data): diagnostics/, checkpoints/")
+    if not summary["seed_secret"]:
+        print("privacy.noise_seed was fixed: the epsilon above holds only while that number stays secret")
     return 0
 
 

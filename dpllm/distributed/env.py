@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -44,6 +48,14 @@ class DistEnv:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over ranks."""
+        if not self.distributed:
+            return int(value)
+        t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -53,11 +65,47 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+LAUNCHERS = ("torchrun", "torch.distributed.run", "torch.distributed.launch", "deepspeed")
+
+
+def _launchers() -> list[psutil.Process]:
+    """The ancestors that launched this worker: torchrun's agent, or DeepSpeed's runner and its
+    per-node launch process (else the parent alone)."""
+    me = psutil.Process()
+    chain, p = [], me.parent()
+    while p is not None and p.pid > 1:
+        try:
+            if not any(marker in " ".join(p.cmdline()) for marker in LAUNCHERS):
+                break
+        except psutil.Error:
+            break
+        chain.append(p)
+        p = p.parent()
+    return chain or [me.parent()]
+
+
+def exit_with_launcher(interval: float = 0.5) -> None:
+    """End this worker soon after a process that launched it dies. torchrun and the DeepSpeed
+    launcher start workers in sessions of their own, so killing the launcher would leave them
+    running, still writing checkpoints into a folder that a resumed run now owns."""
+    launchers = _launchers()
+
+    def watch() -> None:
+        while all(p.is_running() for p in launchers):
+            time.sleep(interval)
+        print(f"dpllm: the launcher is gone; worker {os.getpid()} exits", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dpllm-launcher-watch", daemon=True).start()
+
+
 def init_distributed(engine: str) -> DistEnv:
     """Join the process group the launcher describes (gloo on CPU, NCCL on GPUs); one process if none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and engine == "single":
         return DistEnv()
+    if "LOCAL_RANK" in os.environ:  # started by torchrun or the DeepSpeed launcher
+        exit_with_launcher()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

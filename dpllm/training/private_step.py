@@ -95,6 +95,13 @@ class PrivateStep:
         self._dropped += self.clipper.last_dropped
         return norms
 
+    def accumulate_nothing(self, per_sample_loss: Tensor) -> None:
+        """A backward that adds exactly zero: the loss is weighted by 0 (non-finite ones by 0 too),
+        for ranks that run extra micro-batches only to keep collectives in lockstep (FSDP2
+        gathers parameters in every forward and backward). The statistics do not count it."""
+        finite = per_sample_loss.where(torch.isfinite(per_sample_loss.detach()), 0.0)
+        self.clipper.backward(finite * 0.0)
+
     def _complete_sums(self) -> dict[str, Tensor]:
         """The clipped sums of every parameter, zeros for those no sample reached."""
         some = next(iter(self.params.values()))

@@ -182,7 +182,7 @@ def train(config: RunConfig) -> dict:
     }
     evaluates = env.is_main or config.engine == "fsdp"  # FSDP2's forward needs every rank
     noise = stepper.noise if p.enabled else None
-    history = checkpoint.PrivacyContext(
+    privacy_context = checkpoint.PrivacyContext(
         private=p.enabled, num_train_examples=len(train_data), delta=plan.delta, accountant=p.accountant,
         train_data_sha256=_fingerprint(train_data),
     )
@@ -190,7 +190,7 @@ def train(config: RunConfig) -> dict:
     def save_checkpoint(step: int):
         return checkpoint.save(
             out, step, env=env, engine=config.engine, model=model, tokenizer=tokenizer, optimizer=stepper.optimizer,
-            accountant=accountant, sampler=sampler, noise=noise, rows=metrics.rows, privacy=history,
+            accountant=accountant, sampler=sampler, noise=noise, rows=metrics.rows, privacy=privacy_context,
         )
 
     start, resume_mismatch = 0, []
@@ -198,7 +198,7 @@ def train(config: RunConfig) -> dict:
         path = checkpoint.resolve(config.resume)
         state = checkpoint.load(
             path, env=env, engine=config.engine, model=model, optimizer=stepper.optimizer,
-            accountant=accountant, sampler=sampler, noise=noise, privacy=history, accept_mismatch=p.accept_resume_mismatch,
+            accountant=accountant, sampler=sampler, noise=noise, privacy=privacy_context, accept_mismatch=p.accept_resume_mismatch,
         )
         start = stepper.step_index = state["step"]
         resume_mismatch = state["privacy_mismatch"]
@@ -229,9 +229,18 @@ def train(config: RunConfig) -> dict:
         # Micro-batches of similar lengths waste little compute on padding; the clipped sum does not
         # depend on how the logical batch is cut.
         mine = sorted(rank_share(indices, env.rank, env.world_size), key=lambda i: len(train_data[i]["input_ids"]))
-        for micro in micro_batches(mine, config.micro_batch_size):
-            batch = {k: v.to(device) for k, v in objective.collate([train_data[i] for i in micro], pad_id).items()}
+        micros = micro_batches(mine, config.micro_batch_size)
+        # FSDP2 gathers parameters in every forward and backward, so its ranks run as many micro-batches
+        # as the busiest one (Poisson shares differ; one may be empty), the extra ones adding nothing.
+        rounds = env.max_int(len(micros)) if config.engine == "fsdp" else len(micros)
+        for k in range(rounds):
+            padding = k >= len(micros)
+            examples = train_data[:1] if padding else [train_data[i] for i in micros[k]]
+            batch = {key: v.to(device) for key, v in objective.collate(examples, pad_id).items()}
             loss = objective.per_sample_loss(model, batch)
+            if padding:
+                stepper.accumulate_nothing(loss)
+                continue
             stepper.clip_and_accumulate(loss)
             losses.append(loss.detach())
         stats = stepper.step()
@@ -278,6 +287,8 @@ def train(config: RunConfig) -> dict:
         "seed_secret": p.noise_seed is None,
         "resume_mismatch": resume_mismatch,
     }
+    if p.enabled and p.noise_seed is not None:
+        summary["seed_note"] = "privacy.noise_seed was fixed: epsilon holds only while that number stays secret"
     diagnostics = {"train_seconds": round(time.perf_counter() - started, 1)}
     if config.engine == "fsdp":
         model = _gathered_copy(config, model, env, objective.num_labels)

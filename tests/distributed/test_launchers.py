@@ -2,8 +2,10 @@
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -55,6 +57,7 @@ def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path):
         f"model.name_or_path={save_tiny_bert(tmp_path / 'bert', sst2)}",
         "model.freeze=[]", f"data.train_file={sst2}", f"data.eval_file={sst2}", "data.max_train_examples=200",
         "data.max_eval_examples=40", "batch_size=32", "micro_batch_size=8", "eval_every=0", "progress=false", "seed=3",
+        "privacy.noise_seed=3",
     ]
     runs = {kind: _launch(kind, tmp_path / kind, ["denoise.enabled=true"], recipe, "launch/glue.py") for kind in ("single", "fsdp")}
     single, fsdp = runs["single"], runs["fsdp"]
@@ -65,3 +68,41 @@ def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path):
     assert (single["params"]["classifier.weight"] - initial["classifier.weight"]).abs().max() > 1e-4  # the head trained
     for name, value in single["params"].items():
         torch.testing.assert_close(fsdp["params"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_with_unequal_and_empty_rank_shares_matches_one_process(tmp_path):
+    """Poisson batches split unevenly: FSDP2 ranks run different numbers of micro-batches (one rank
+    none at all) and must still step together instead of hanging in a parameter gather."""
+    extra = ["batch_size=3", "micro_batch_size=1", "max_steps=6", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"]
+    single, fsdp = (_launch(kind, tmp_path / kind, extra) for kind in ("single", "fsdp"))
+    sizes = [r["batch_size"] for r in fsdp["rows"] if "batch_size" in r]
+    assert any(n % 2 for n in sizes) and any(n <= 1 for n in sizes), sizes  # unequal shares, and an empty one
+    for name, value in single["params"].items():
+        torch.testing.assert_close(fsdp["params"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed"])
+def test_workers_exit_when_their_launcher_is_killed(tmp_path, kind):
+    """SIGKILL reaches the launcher alone (as when a job scheduler kills it): its workers must not
+    train on, writing into an output folder that a resumed run will own."""
+    args = [*TINY, "max_steps=100000", f"output_dir={tmp_path}"]
+    if kind == "deepspeed":
+        args = ["--recipe", RECIPE, *args]
+    proc = subprocess.Popen(command(kind, args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        log = tmp_path / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (log.exists() and '"epsilon"' in log.read_text()) and time.time() < deadline:
+            time.sleep(0.1)  # until training has started
+        launched = psutil.Process(proc.pid).children(recursive=True)
+        workers = [p for p in launched if "launch/e2e.py" in p.cmdline()[1:3]]  # python [-u] launch/e2e.py
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(launched, timeout=30)  # DeepSpeed's per-node launch process included
+        assert not alive, [p.pid for p in alive]
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()

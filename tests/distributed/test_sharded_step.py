@@ -7,11 +7,11 @@ import torch
 
 from dpllm.denoise.gradient import GradientDenoiser
 from dpllm.distributed import ShardedPrivateStep, assign_owners
+from dpllm.distributed.local import run_on_ranks
 from dpllm.lm import forward_per_sample_loss
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.noise import GaussianNoise
 from tests.conftest import tiny_batch, tiny_model
-from tests.multiprocess import run_on_ranks
 
 SIGMA, C, B = 0.7, 1.3, 32.0
 

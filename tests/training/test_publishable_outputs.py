@@ -60,6 +60,7 @@ def test_a_fixed_noise_seed_is_not_published_and_is_flagged(tmp_path):
     assert not any(str(seed).encode() in p.read_bytes() for p in published(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["privacy"]["noise_seed"] == "<secret: not recorded>"
     assert summary["seed_secret"] is False and json.loads((tmp_path / "final/privacy.json").read_text())["seed_secret"] is False
+    assert "holds only while that number stays secret" in json.loads((tmp_path / "summary.json").read_text())["seed_note"]
     with pytest.raises(ConfigError, match="privacy.noise_seed: expected (int|an integer)"):
         load_config(tmp_path / "config.json")  # the published config does not carry the seed
 

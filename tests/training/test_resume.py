@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -43,9 +44,12 @@ def _run_and_kill_after_first_checkpoint(kind: str, out: Path) -> None:
     deadline = time.time() + 300
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    workers = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    _, alive = psutil.wait_procs(workers, timeout=30)  # launchers start workers in sessions of their own
+    assert not alive, alive
     assert latest.read_text() == "step_3"
 
 

@@ -8,13 +8,13 @@ data, accumulating each micro-batch's sum in bf16 moves it by 1.025 C when one e
 import pytest
 import torch
 
-from dpllm.distributed import ShardedPrivateStep
+from dpllm.distributed import DistEnv, ShardedPrivateStep
+from dpllm.distributed.local import run_on_ranks
 from dpllm.lm import collate, forward_per_sample_loss
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import micro_batches, rank_share
 from tests.conftest import tiny_model
-from tests.multiprocess import run_on_ranks
 
 N, LENGTH, C, REMOVED = 512, 12, 1.0, 100
 
@@ -29,9 +29,9 @@ def _examples() -> list[dict]:
     return out
 
 
-def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None) -> dict[str, torch.Tensor]:
+def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The clipped sums each owner holds after the reduce (the stage before the noise)."""
-    model = tiny_model("llama", dtype=dtype, seed=0)
+    model = tiny_model("llama", dtype=dtype, seed=0).to(device)
     step = ShardedPrivateStep(
         model, torch.optim.SGD(model.parameters(), lr=0.1), env=env, max_grad_norm=C,
         noise=GaussianNoise(1.0, C, seed=0), noise_multiplier=1.0, sample_rate=0.5, expected_batch_size=N / 2,
@@ -40,21 +40,29 @@ def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None) -> dict[str, t
     data = _examples()
     mine = rank_share([i for i in range(N) if i != removed], env.rank, env.world_size)
     for micro in micro_batches(mine, 16):
-        step.clip_and_accumulate(forward_per_sample_loss(model, collate([data[i] for i in micro], 0)))
+        batch = {k: v.to(device) for k, v in collate([data[i] for i in micro], 0).items()}
+        step.clip_and_accumulate(forward_per_sample_loss(model, batch))
     step.reduce_to_owners()
-    return {name: g.clone() for name, g in step.sums.items() if step.owners[name] == env.rank}
+    return {name: g.cpu().clone() for name, g in step.sums.items() if step.owners[name] == env.rank}
 
 
-def _distance(world_size: int, dtype: torch.dtype) -> float:
-    full, without = ({k: v for rank in run_on_ranks(world_size, _pre_noise_sums, dtype, r) for k, v in rank.items()}
-                     for r in (None, REMOVED))
+def _distance(world_size: int, dtype: torch.dtype, device: str = "cpu") -> float:
+    if world_size == 1:
+        full, without = (_pre_noise_sums(DistEnv(), dtype, r, device) for r in (None, REMOVED))
+    else:
+        full, without = ({k: v for rank in run_on_ranks(world_size, _pre_noise_sums, dtype, r) for k, v in rank.items()}
+                         for r in (None, REMOVED))
     assert all(v.dtype == torch.float32 for v in full.values())
     return sum(float((full[k].double() - without[k].double()).pow(2).sum()) for k in full) ** 0.5
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_one_example_moves_the_pre_noise_sum_by_at_most_c_on_one_process(dtype):
-    distance = _distance(1, dtype)
+def test_one_example_moves_the_pre_noise_sum_by_at_most_c_on_one_process(dtype, device):
+    distance = _distance(1, dtype, device)
     assert 0.5 * C < distance <= C * (1 + 1e-5)  # the removed example is clipped, so it moved the sum by ~C
 
 

@@ -1,4 +1,4 @@
-"""Run a function on several gloo processes (CPU) and collect each rank's result."""
+"""Several gloo processes on this machine, for tests and benchmarks of the distributed step."""
 
 import os
 import tempfile
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dpllm.distributed import DistEnv
+from dpllm.distributed.env import DistEnv
 
 
 def run_on_ranks(world_size: int, fn, *args) -> list:

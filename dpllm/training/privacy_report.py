@@ -22,7 +22,9 @@ def privacy_report(
         "private": True,
         "epsilon": accountant.epsilon(),
         "delta": plan.delta,
-        "accountant": f"{p.accountant} (dp-accounting), Poisson-subsampled Gaussian mechanism, add/remove adjacency",
+        "accountant": f"{p.accountant} (dp-accounting)",
+        "mechanism": "Poisson-subsampled Gaussian (DP-SGD)",
+        "adjacency": "add or remove one training row",
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "steps": accountant.steps,
@@ -50,7 +52,7 @@ def _markdown(r: dict) -> str:
         "# Privacy",
         "",
         f"Trained with DP-SGD: ({r['epsilon']:.4g}, {r['delta']:.3g})-differential privacy for **{r['unit']}** "
-        f"(add/remove adjacency), by the {r['accountant']}.",
+        f"({r['adjacency']}), from the {r['accountant']} accountant of the {r['mechanism']} mechanism.",
         "",
         f"- {r['steps']} steps, Poisson sampling at rate {r['sample_rate']:.4g}, noise multiplier "
         f"{r['noise_multiplier']:.4g}, per-sample clipping norm {r['max_grad_norm']:g}; engine {r['engine']} "

@@ -7,6 +7,7 @@ them, before any model or data is loaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
@@ -214,6 +215,24 @@ class RunConfig:
             "is set exactly when engine is deepspeed (launch with --config ds_configs/zero2.json)",
         )
         _require(
+            self.privacy.enabled or self.engine == "single",
+            "privacy.enabled",
+            "false (the non-private baseline) runs with engine single only",
+        )
+        _require(
+            not self.denoise.diagnostics or self.engine == "single",
+            "denoise.diagnostics",
+            "needs the whole clipped gradient in one process: run it with engine single",
+        )
+        if self.engine == "deepspeed":
+            stage = _zero_stage(self.deepspeed_config)
+            _require(
+                stage in (1, 2),
+                "deepspeed_config",
+                f"{self.deepspeed_config}: ZeRO stage {stage} is not supported; use stage 1 or 2 (stage 3 partitions the "
+                "parameters inside its own module hooks, which the exact per-sample step does not follow)",
+            )
+        _require(
             not (self.engine == "fsdp" and self.generation.every),
             "generation.every",
             "must be 0 with engine fsdp (generation runs at the end, on rank 0, from the gathered model)",
@@ -245,6 +264,15 @@ _Loader.add_implicit_resolver(
 
 def _load_yaml(text):
     return yaml.load(text, Loader=_Loader)
+
+
+def _zero_stage(path: str) -> int:
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"deepspeed_config: cannot read {path} as JSON ({e})") from None
+    return ds.get("zero_optimization", {}).get("stage", 0)
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -28,7 +28,7 @@ def per_sample_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
     A sample with no target token gets loss 0 (and so a zero gradient).
     """
-    shift_logits = logits[:, :-1].float()
+    shift_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays
     shift_labels = labels[:, 1:]
     token_loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),

@@ -187,9 +187,16 @@ class PerSampleClipper:
             raise ValueError("per_sample_loss does not require grad: was the forward run under no_grad?")
         for call in calls:
             if call.batch_size != bsz:
+                hint = ""
+                if isinstance(call.module, nn.Embedding) and call.batch_size == 1:
+                    hint = (
+                        "; an embedding looked up with ids shared by the whole batch (such as BERT's position ids, "
+                        "taken from a (1, T) buffer when none are given) hides each sample's gradient of its table: "
+                        "pass (B, T) position_ids (dpllm.classification.collate does)"
+                    )
                 raise ValueError(
                     f"{type(call.module).__name__} output has leading dim {call.batch_size} but the batch "
-                    f"has {bsz} samples: per-sample rules need batch-first layer inputs"
+                    f"has {bsz} samples: per-sample rules need batch-first layer inputs{hint}"
                 )
         keep = torch.isfinite(per_sample_loss.detach())
         self._acc_dtype = acc_dtype = torch.promote_types(self.parameters[0].dtype, torch.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dpllm.tasks.data2text import DataError, Example, open_data
+from dpllm.tasks.data2text import DataError, Example, not_a_data_folder, open_data
 
 OFFICIAL_FILES = {
     "train": "dart-v1.1.1-full-train.json",
@@ -32,6 +32,11 @@ def load(source: str | Path, split: str = "train", max_examples: int | None = No
         path = path / OFFICIAL_FILES[split]
     if path.is_file() or path.suffix == ".json":
         return load_json(path, max_examples)
+    if path.is_dir():
+        try:
+            return _load_hub(str(source), split, max_examples)
+        except Exception as e:  # the folder is neither official nor in the hub's layout: say what was looked for
+            raise not_a_data_folder(path, split, OFFICIAL_FILES, e) from e
     return _load_hub(str(source), split, max_examples)
 
 

@@ -85,3 +85,12 @@ def read_predictions(path: str | Path, num_inputs: int) -> list[str]:
     if len(lines) < num_inputs:
         raise DataError(f"{path}:{len(lines) + 1}: missing predictions: {len(lines)} lines for {num_inputs} inputs")
     return lines
+
+
+def not_a_data_folder(folder: Path, split: str, official_files: dict[str, str], error: Exception) -> DataError:
+    """The error for a local folder that holds neither the official file for ``split`` nor a dataset in the hub's layout."""
+    wanted = official_files.get(split, f"(no official file for split {split!r})")
+    return DataError(
+        f"{folder}: no {wanted} for split {split!r} (the official names: {', '.join(official_files.values())}), "
+        f"and not a dataset in the hub's layout either ({error})"
+    )

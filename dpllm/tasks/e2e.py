@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from dpllm.tasks.data2text import DataError, Example, open_data
+from dpllm.tasks.data2text import DataError, Example, not_a_data_folder, open_data
 
 OFFICIAL_FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
 HUB_COLUMNS = ("meaning_representation", "human_reference")
@@ -23,6 +23,11 @@ def load(source: str | Path, split: str = "train", max_examples: int | None = No
         path = path / OFFICIAL_FILES[split]
     if path.is_file() or path.suffix == ".csv":
         return load_csv(path, max_examples)
+    if path.is_dir():
+        try:
+            return _load_hub(str(source), split, max_examples)
+        except Exception as e:  # the folder is neither official nor in the hub's layout: say what was looked for
+            raise not_a_data_folder(path, split, OFFICIAL_FILES, e) from e
     return _load_hub(str(source), split, max_examples)
 
 

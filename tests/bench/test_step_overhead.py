@@ -41,6 +41,6 @@ def test_smoke_run_prints_ratios_and_breakdown():
     line = re.search(r"extra (-?[\d.]+) ms per step: noise ([\d.]+) ms, Gram matrices \(profiled\) (-?[\d.]+) ms, .* ratio of ([\d.]+)$", out, re.M)
     assert line, out
     extra, noise, gram, floor = map(float, line.groups())
+    # arithmetic between the printed numbers only: no timing is asserted (a fast machine prints 0.0 ms)
     assert extra == pytest.approx((dp_s - base_s) * 1e3, abs=1.0)  # the table's step times, rounded to 1 ms
-    assert noise > 0 and gram > 0  # the smoke model's layers take the ghost path: Gram matrices
-    assert floor > 1
+    assert floor == pytest.approx((base_s * 1e3 + noise + gram) / (base_s * 1e3), abs=0.01 + 0.1 / (base_s * 1e3))

@@ -106,3 +106,14 @@ def test_workers_exit_when_their_launcher_is_killed(tmp_path, kind):
     finally:
         for p in psutil.Process().children(recursive=True):
             p.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["privacy.secure_mode=true"]], ids=["secret_default", "secure_mode"])
+def test_ranks_share_one_poisson_sample_from_rank_0s_secret(tmp_path, mode):
+    """Each rank draws its own os.urandom root; only rank 0's, broadcast, may seed the sample. Ranks
+    with their own samples would clip every other example of different batches: the examples
+    clipped (summed over ranks) would not be the logical batch rank 0 drew."""
+    run = _launch("ddp", tmp_path, ["privacy.noise_seed=null", "max_steps=6", *mode])
+    steps = [r for r in run["rows"] if "batch_size" in r]
+    assert len(steps) == 6 and all(r["samples"] == r["batch_size"] for r in steps), steps

@@ -278,3 +278,25 @@ def test_other_families_rms_norms_recognised_and_exact(family):
     assert norm_classes == {f"{family.capitalize()}RMSNorm"}
     batch = tiny_batch()
     assert_matches(model, batch, _median_norm(model, batch), torch.float64)
+
+
+@pytest.mark.parametrize("setting", [dict(max_norm=1.0), dict(sparse=True), dict(scale_grad_by_freq=True)])
+def test_embeddings_without_a_per_sample_rule_are_refused(setting):
+    model = nn.Sequential(nn.Embedding(10, 4, **setting), nn.Linear(4, 1))
+    with pytest.raises(UnsupportedModuleError, match="Embedding with max_norm, scale_grad_by_freq or sparse=True"):
+        PerSampleClipper(model, max_grad_norm=1.0)
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_norm_is_dropped():
+    """Loss w.x with x ~ 1e30: finite loss (1e20), but the squared gradient norm overflows fp32."""
+    layer = nn.Linear(3, 1, bias=False)
+    nn.init.constant_(layer.weight, 1e-10)
+    x = torch.tensor([[1.0, 2.0, 3.0], [1e30, 1e30, 1e30], [0.5, 0.0, 1.0]])
+    clipper = PerSampleClipper(layer, max_grad_norm=1.0, verify_first_backward=False)
+    loss = layer(x).squeeze(1)
+    assert torch.isfinite(loss).all()
+    norms = clipper.backward(loss)
+    assert clipper.last_dropped == 1 and torch.isnan(norms[1]) and torch.isfinite(norms[[0, 2]]).all()
+    kept = x[[0, 2]]
+    expected = (kept / kept.norm(dim=1, keepdim=True).clamp_min(1.0)).sum(0)  # clip factors min(1, C/||x_i||)
+    torch.testing.assert_close(layer.weight.grad[0], expected)

@@ -64,3 +64,14 @@ def test_encoder_norms_and_clipped_sum_match_torch_func(family, strategy):
     for n, p in model.named_parameters():
         expected = torch.einsum("b,b...->...", factors, ref[n])
         torch.testing.assert_close(p.grad, expected, rtol=1e-8, atol=1e-12, msg=n)
+
+
+def test_bert_called_without_position_ids_says_to_pass_them():
+    model = _model("bert")
+    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    batch = _batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}  # no position_ids
+    logits = model(**inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    with pytest.raises(ValueError, match=r"output has leading dim 1 .*pass \(B, T\) position_ids"):
+        clipper.backward(loss)

@@ -60,3 +60,16 @@ def test_hub_dataset_layout(tmp_path):
     (hub / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = dart.load(str(hub), "validation")
     assert [(e.source, e.target) for e in examples] == [("A | r | B", "A r B."), ("C | r | D", "x"), ("C | r | D", "y")]
+
+
+def test_a_folder_without_the_official_file_names_what_it_looked_for(tmp_path):
+    (tmp_path / "train.json").write_text(SAMPLE.read_text())  # official content, not the official name
+    with pytest.raises(DataError, match=r"no dart-v1\.1\.1-full-train\.json for split 'train'"):
+        dart.load(tmp_path, "train")
+
+
+def test_non_utf8_file_names_the_file(tmp_path):
+    bad = tmp_path / "dart-v1.1.1-full-train.json"
+    bad.write_bytes(b'[{"tripleset": [["a", "b", "\xff"]], "annotations": [{"text": "x"}]}]')
+    with pytest.raises(DataError, match=rf"{bad}: not valid UTF-8"):
+        dart.load(tmp_path, "train")

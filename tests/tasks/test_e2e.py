@@ -73,3 +73,9 @@ def test_folder_with_official_names_and_hub_layout(tmp_path):
     (hub / "train.csv").write_text("mr,text\nx,y\n")
     with pytest.raises(DataError, match="missing"):
         e2e.load(str(hub), "train")
+
+
+def test_a_folder_without_the_official_file_names_what_it_looked_for(tmp_path):
+    (tmp_path / "train.csv").write_text("mr,ref\nname[A],A.\n")
+    with pytest.raises(DataError, match=r"no trainset\.csv for split 'train'"):
+        e2e.load(tmp_path, "train")

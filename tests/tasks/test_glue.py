@@ -60,3 +60,9 @@ def test_accuracy_and_qqp_f1_by_hand():
     assert glue.scores(preds, labels, "sst2") == {"accuracy": 0.75}
     # QQP: tp = 2, fp = 1, fn = 0 -> F1 = 4 / 5
     assert glue.scores(preds, labels, "qqp") == {"accuracy": 0.75, "f1": 0.8}
+
+
+def test_non_utf8_tsv_names_the_file(tmp_path):
+    (tmp_path / "train.tsv").write_bytes(b"sentence\tlabel\nhello \xff\t1\n")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'train.tsv'}: not valid UTF-8"):
+        glue.load("sst2", tmp_path, "train")

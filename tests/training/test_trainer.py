@@ -71,7 +71,8 @@ def test_run_writes_logs_model_and_spends_what_it_reports(tmp_path, local_models
     assert [r["epsilon"] for r in steps] == sorted(r["epsilon"] for r in steps)
     q = 16 / 200
     eps = compute_epsilon(summary["noise_multiplier"], q, 4, 1 / 400)
-    assert summary["epsilon"] == pytest.approx(eps, rel=1e-9) and eps <= 8.0
+    assert summary["epsilon"] == pytest.approx(eps, rel=1e-9)
+    assert 0.99 * 8.0 <= eps <= 8.0  # calibrated for these 4 steps at this delta: spends the budget, no more
     assert steps[-1]["epsilon"] == pytest.approx(eps, rel=1e-9)
     assert (tmp_path / "training.png").stat().st_size > 1000
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")

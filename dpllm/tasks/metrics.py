@@ -205,7 +205,7 @@ def dart_scores(predictions: list[str], references: list[list[str]]) -> dict[str
     return {
         "bleu": sacrebleu.corpus_bleu(predictions, streams, lowercase=True).score / 100,
         "meteor": _meteor(predictions, references),
-        "ter": sacrebleu.metrics.TER(case_sensitive=False).corpus_score(predictions, streams).score / 100,
+        "ter": sacrebleu.metrics.TER(normalized=True, case_sensitive=False).corpus_score(predictions, streams).score / 100,
         "rouge_l": rouge / len(predictions),
     }
 

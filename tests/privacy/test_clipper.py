@@ -248,15 +248,17 @@ def test_bf16_model_norms_and_sums_accumulate_in_fp32():
     model16 = tiny_model("llama", tied=True, dtype=torch.bfloat16)
     model64.load_state_dict({k: v.double() for k, v in model16.state_dict().items()})  # the same (rounded) weights
     batch = tiny_batch()
-    ref_norms, ref_clipped = clipped_reference(model64, batch, 0.5)
-    norms = PerSampleClipper(model16, max_grad_norm=0.5).backward(forward_per_sample_loss(model16, batch))
+    C = 4.0  # between the samples' norms (3.57, 4.94, 3.57, 10.7): two clipped, two not
+    ref_norms, ref_clipped = clipped_reference(model64, batch, C)
+    assert (ref_norms > 1.1 * C).sum() == 2 and (ref_norms < 0.9 * C).sum() == 2
+    norms = PerSampleClipper(model16, max_grad_norm=C).backward(forward_per_sample_loss(model16, batch))
     assert norms.dtype == torch.float32
-    torch.testing.assert_close(norms.double(), ref_norms, rtol=5e-2, atol=0)
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=1e-2, atol=0)  # measured: 0.25%
     named = dict(model16.named_parameters())
     for name, expected in ref_clipped.items():
         got = named[name].grad
         assert got.dtype == torch.bfloat16
-        assert (got.double() - expected).norm() <= 0.1 * expected.norm() + 1e-6, name
+        assert (got.double() - expected).norm() <= 0.03 * expected.norm() + 1e-6, name  # measured: at most 1.1%
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])

@@ -107,6 +107,12 @@ def test_dart_scores_hand_worked():
     three = dart_scores(["the cat sat"], [["the cat sat", "birds fly high", "The cat sat."]])
     assert three["rouge_l"] == pytest.approx(1.0)
     assert two["bleu"] == pytest.approx(1.0) and 0 < two["meteor"] <= 1
+    # GEM's TER is sacrebleu's with normalized=True, case_sensitive=False: punctuation is split off and case
+    # ignored, so "The cat sat, on the mat." against "the cat sat on mat ." is two deletions ("," and "the")
+    # over 6 reference words; GEM's BLEU is lower-cased.
+    mixed = dart_scores(["The cat sat, on the mat.", "The Dogs RUN in the park"], [["the cat sat on mat ."], ["the dogs run in the park"]])
+    assert mixed["ter"] == pytest.approx(2 / 12, rel=1e-9)  # corpus TER: (2 + 0) edits / (6 + 6) words
+    assert dart_scores(["The Dogs RUN in the park"], [["the dogs run in the park"]])["bleu"] == pytest.approx(1.0)
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):

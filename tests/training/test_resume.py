@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def _run_and_kill_after_first_checkpoint(kind: str, out: Path) -> None:
 def test_kill_and_resume_gives_the_straight_run(tmp_path, kind):
     straight = _run("single", ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
     _run_and_kill_after_first_checkpoint(kind, tmp_path / "killed")
-    resumed = _run(kind, ["max_steps=6", f"resume={tmp_path / 'killed'}", f"output_dir={tmp_path / 'killed'}"])
+    # Other seeds on the resumed command: a restart would initialise, sample and noise differently;
+    # a resume restores all three from the checkpoint.
+    other = ["seed=11", "privacy.noise_seed=11"]
+    resumed = _run(kind, ["max_steps=6", *other, f"resume={tmp_path / 'killed'}", f"output_dir={tmp_path / 'killed'}"])
     assert resumed["summary"]["epsilon"] == straight["summary"]["epsilon"] == pytest.approx(
         compute_epsilon(1.0, Q, 6, DELTA), rel=1e-9
     )
@@ -168,3 +172,31 @@ def test_resume_refuses_a_checkpoint_of_another_privacy_history(tmp_path, first,
     assert "history differs" in (tmp_path / "second/final/PRIVACY.md").read_text()
     if first:  # the non-private steps are not in the history: epsilon covers the 2 private steps only
         assert summary["epsilon"] == pytest.approx(compute_epsilon(1.0, Q, 2, DELTA), rel=1e-9)
+
+
+KILL_DURING_SAVE = """
+import os, runpy, signal, sys
+import torch
+save = torch.save
+def save_then_die(obj, f, *args, **kwargs):  # the first file of step_6 is written, then the process dies
+    save(obj, f, *args, **kwargs)
+    if "step_6.partial" in str(f):
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+sys.argv = ["launch/e2e.py", *sys.argv[1:]]
+runpy.run_path("launch/e2e.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_write_leaves_only_complete_checkpoints(tmp_path):
+    out = tmp_path / "killed"
+    args = ["--recipe", str(RECIPE), *COMMON, "max_steps=9", "checkpoint_every=3", f"output_dir={out}"]
+    done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert (out / "checkpoints/step_6.partial").is_dir() and not (out / "checkpoints/step_6").exists()
+    assert (out / "checkpoints/latest").read_text() == "step_3"
+    straight = _run("single", ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
+    resumed = _run("single", ["max_steps=6", "seed=11", "privacy.noise_seed=11", f"resume={out}", f"output_dir={out}"])  # step_3
+    for name, value in straight["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=0)

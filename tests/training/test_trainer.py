@@ -136,10 +136,18 @@ def test_training_reduces_eval_loss_on_real_pretrained_model(tmp_path):
 
 
 def test_lora_run(tmp_path, local_models):
+    """Only the adapted matrices move, each by a rank-4 update, and final/ is the merged model (no peft needed)."""
     config, summary = run(tmp_path, local_models["llama"], "model.lora_rank=4")
     assert math.isfinite(summary["eval_loss_after"])
-    # the saved model is the merged base model, loadable without peft
-    AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    base = dict(AutoModelForCausalLM.from_pretrained(local_models["llama"]).named_parameters())
+    merged = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "final").named_parameters())
+    assert set(merged) == set(base)
+    for name, p in merged.items():
+        delta = (p - base[name]).detach()
+        if name.endswith(("q_proj.weight", "v_proj.weight")):  # the default lora_targets
+            assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta.double(), rtol=1e-6) <= 4, name
+        else:
+            assert torch.equal(p, base[name]), name
 
 
 def test_non_private_baseline_run(tmp_path, local_models):

@@ -1,5 +1,6 @@
 """E2E and DART metrics: the official scorer's numbers, and hand-worked examples."""
 
+import json
 import math
 import os
 import shutil
@@ -132,3 +133,16 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(DataError, match=r"preds\.txt: empty file"):
         read_predictions(preds, 2)
     assert read_predictions(SCORER / "dev_simple_template.txt", 547)[0] == "Alimentum is a place in the city centre."
+
+
+@pytest.mark.slow
+def test_dart_scores_equal_gem_metrics_output():
+    """BLEU, TER and METEOR on mixed-case outputs, against GEM-metrics' own numbers (tests/data/dart_gem)."""
+    data = Path(__file__).resolve().parents[1] / "data/dart_gem"
+    predictions = (data / "predictions.txt").read_text(encoding="utf-8").splitlines()
+    references = json.loads((data / "references.json").read_text(encoding="utf-8"))
+    gem = json.loads((data / "gem_scores.json").read_text())
+    ours = dart_scores(predictions, references)
+    assert round(ours["bleu"] * 100, 5) == gem["bleu"]
+    assert round(ours["ter"] * 100, 5) == gem["ter"]
+    assert ours["meteor"] == pytest.approx(gem["meteor"], abs=1e-6)

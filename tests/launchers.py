@@ -24,7 +24,7 @@ TINY = [
 ]
 
 
-def _free_port() -> str:
+def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
@@ -34,7 +34,7 @@ def command(kind: str, args: list[str], script: str = "launch/e2e.py") -> list[s
     """``kind``: single (python), deepspeed (ZeRO-2, 2 processes), fsdp or ddp (torchrun, 2 processes)."""
     if kind == "single":
         return [sys.executable, script, *args]
-    port = _free_port()
+    port = free_port()
     if kind == "deepspeed":
         return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, script,
                 "--config", "ds_configs/zero2.json", *args]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dpllm.training.metrics import read_logs
 from tests.conftest import save_tiny_bert
-from tests.launchers import RECIPE, REPO, TINY, command, env
+from tests.launchers import BIN, RECIPE, REPO, TINY, free_port, command, env
 
 
 def _launch(kind: str, out: Path, extra: list[str], recipe=("--recipe", RECIPE, *TINY), script="launch/e2e.py") -> dict:
@@ -117,3 +117,28 @@ def test_ranks_share_one_poisson_sample_from_rank_0s_secret(tmp_path, mode):
     run = _launch("ddp", tmp_path, ["privacy.noise_seed=null", "max_steps=6", *mode])
     steps = [r for r in run["rows"] if "batch_size" in r]
     assert len(steps) == 6 and all(r["samples"] == r["batch_size"] for r in steps), steps
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_match_one_process(tmp_path):
+    """Multi-node: two torchrun invocations on this machine (one process each, c10d rendezvous on
+    127.0.0.1) train like one process."""
+    single = _launch("single", tmp_path / "single", [])
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "dpllm-two-nodes",
+             "launch/e2e.py", "--engine", "fsdp", "--recipe", RECIPE, *TINY, "max_steps=3", f"output_dir={tmp_path / 'nodes'}"],
+            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        out, _ = node.communicate(timeout=600)
+        assert node.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / "nodes/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epsilon"] == single["summary"]["epsilon"]
+    params = load_file(tmp_path / "nodes/final/model.safetensors")
+    for name, value in single["params"].items():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=name)

@@ -126,7 +126,7 @@ def train(config: RunConfig) -> dict:
     # The root of the sample and the noise: rank 0's, secret unless the user fixed it.
     root = env.broadcast_int(p.noise_seed if p.noise_seed is not None else secret_seed())
     if p.enabled:
-        probe = objective.collate(train_data[: max(2, config.micro_batch_size)], pad_id)
+        probe = objective.collate(train_data[:4], pad_id)  # the probe keeps every module's activations: a few rows
         check_per_sample(model, objective.per_sample_loss, {k: v.to(device) for k, v in probe.items()})
         if p.noise_seed is not None:
             log.warning(

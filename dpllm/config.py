@@ -182,7 +182,7 @@ class RunConfig:
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    engine: str = "single"  # single | ddp (torchrun, replicated) | fsdp (torchrun, FSDP2) | deepspeed (ZeRO-1/2)
+    engine: str = "single"  # single | ddp (torchrun, replicated) | fsdp (torchrun, FSDP2) | deepspeed (ZeRO-1/2/3)
     deepspeed_config: str = ""  # a DeepSpeed JSON config (launch/e2e.py --config sets it)
     batch_size: int = 32  # expected logical batch size: sample rate q = batch_size / N
     micro_batch_size: int = 16  # at most this many examples per forward/backward
@@ -196,6 +196,16 @@ class RunConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     eval_batch_size: int = 32
     progress: bool = True
+
+    @property
+    def zero_stage(self) -> int:
+        """The DeepSpeed config's ZeRO stage (0 for other engines)."""
+        return _zero_stage(self.deepspeed_config) if self.engine == "deepspeed" else 0
+
+    @property
+    def partitions_parameters(self) -> bool:
+        """FSDP2 and ZeRO-3 keep each parameter in pieces across ranks: every forward needs them all."""
+        return self.engine == "fsdp" or self.zero_stage == 3
 
     def validate(self) -> None:
         for section in (self.model, self.data, self.privacy, self.denoise, self.optim, self.generation):
@@ -225,18 +235,8 @@ class RunConfig:
             "needs the whole clipped gradient in one process: run it with engine single",
         )
         if self.engine == "deepspeed":
-            stage = _zero_stage(self.deepspeed_config)
-            _require(
-                stage in (1, 2),
-                "deepspeed_config",
-                f"{self.deepspeed_config}: ZeRO stage {stage} is not supported; use stage 1 or 2 (stage 3 partitions the "
-                "parameters inside its own module hooks, which the exact per-sample step does not follow)",
-            )
-        _require(
-            not (self.engine == "fsdp" and self.generation.every),
-            "generation.every",
-            "must be 0 with engine fsdp (generation runs at the end, on rank 0, from the gathered model)",
-        )
+            stage = self.zero_stage
+            _require(stage in (1, 2, 3), "deepspeed_config", f"{self.deepspeed_config}: ZeRO stage {stage} is not supported; use 1, 2 or 3")
         _require(self.batch_size > 0, "batch_size", "must be > 0")
         _require(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
         _require(self.eval_batch_size > 0, "eval_batch_size", "must be > 0")

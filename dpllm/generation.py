@@ -17,6 +17,7 @@ def generate(
     max_new_tokens: int = 100,
     batch_size: int = 16,
     progress: bool = False,
+    synced: bool = False,
 ) -> list[str]:
     """Decoded continuations, in prompt order, cut at the first newline and stripped.
 
@@ -25,6 +26,9 @@ def generate(
     """
     was_training = model.training
     model.eval()
+    root = _fsdp_root(model)
+    if root is not None:  # generate() calls the wrapped model's forward, past the FSDP2 root's hooks
+        root.unshard()
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -48,9 +52,20 @@ def generate(
             early_stopping=num_beams > 1,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced,
         )
         for row, i in enumerate(batch):
             text = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
             outputs[i] = text.split("\n", 1)[0].strip()
+    if root is not None:
+        root.reshard()
     model.train(was_training)
     return outputs
+
+
+def _fsdp_root(model):
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return model if isinstance(model, FSDPModule) else None

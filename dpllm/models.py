@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from dpllm.config import ModelConfig
 
@@ -42,15 +42,20 @@ def resolve(name_or_path: str) -> str:
     return str(folder)
 
 
-def load_model_and_tokenizer(config: ModelConfig, num_labels: int | None = None):
+def load_model_and_tokenizer(config: ModelConfig, num_labels: int | None = None, on_meta: bool = False):
     """A causal LM, or a sequence classifier with ``num_labels`` classes (a new head where the
-    checkpoint has none). ``config.name_or_path``: hub name, save_pretrained folder or package:NAME."""
+    checkpoint has none). ``config.name_or_path``: hub name, save_pretrained folder or package:NAME.
+    ``on_meta``: the same model (adapters included) without memory or weights, for a sharding
+    engine to materialise one shard of."""
     path = resolve(config.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if num_labels is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[config.dtype])
+    auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    labels = {} if num_labels is None else {"num_labels": num_labels}
+    if on_meta:
+        with torch.device("meta"):
+            model = auto.from_config(AutoConfig.from_pretrained(path, **labels), dtype=DTYPES[config.dtype])
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=DTYPES[config.dtype])
+        model = auto.from_pretrained(path, dtype=DTYPES[config.dtype], **labels)
     for name, p in model.named_parameters():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.freeze):
             p.requires_grad_(False)
@@ -58,7 +63,12 @@ def load_model_and_tokenizer(config: ModelConfig, num_labels: int | None = None)
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets, lora_dropout=0.0)
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            if "not found" not in str(e):
+                raise
+            raise ValueError(f"model.lora_targets={config.lora_targets} match no module of {path}: {e}") from None
     return model, tokenizer
 
 

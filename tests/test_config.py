@@ -85,7 +85,7 @@ def test_deepspeed_configs_parse(path, monkeypatch):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     config = DeepSpeedConfig(json.loads(Path(path).read_text()), mpu=None)
-    assert config.zero_optimization_stage in (1, 2)  # the stages the private step supports
+    assert config.zero_optimization_stage in (1, 2, 3)  # the stages the private step supports
     assert config.gradient_clipping == 0.0  # clipping is per-sample, done by dpllm, never by DeepSpeed
 
 
@@ -99,14 +99,13 @@ def test_denoising_needs_privacy():
     [
         (["engine=ddp", "privacy.enabled=false"], "privacy.enabled: false .* engine single only"),
         (["engine=fsdp", "denoise.enabled=true", "denoise.diagnostics=true"], "denoise.diagnostics: needs the whole clipped gradient"),
-        (["engine=fsdp", "generation.every=50"], "generation.every: must be 0 with engine fsdp"),
-        (["engine=deepspeed", "deepspeed_config=ZERO3"], "deepspeed_config: .*ZeRO stage 3 is not supported"),
+        (["engine=deepspeed", "deepspeed_config=ZERO0"], "deepspeed_config: .*ZeRO stage 0 is not supported"),
         (["engine=deepspeed", "deepspeed_config=/nonexistent/ds.json"], "deepspeed_config: cannot read /nonexistent/ds.json"),
     ],
 )
 def test_engine_claims_of_the_readme_fail_before_anything_loads(tmp_path, overrides, key):
-    zero3 = tmp_path / "zero3.json"
-    zero3.write_text('{"zero_optimization": {"stage": 3}}')
-    overrides = [o.replace("ZERO3", str(zero3)) for o in overrides]
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text('{"zero_optimization": {"stage": 0}}')
+    overrides = [o.replace("ZERO0", str(zero0)) for o in overrides]
     with pytest.raises(ConfigError, match=key):  # load_config reads no model or data
         load_config(REPO / "recipes/e2e/tiny_cpu.yaml", overrides)

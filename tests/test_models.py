@@ -56,3 +56,17 @@ def test_classification_evaluate_returns_predictions_in_input_order():
     _, batched = evaluate(model, examples, tok.pad_token_id, batch_size=7)
     one_by_one = [evaluate(model, [e], tok.pad_token_id, batch_size=1)[1][0] for e in examples]
     assert batched == one_by_one
+
+
+@pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
+def test_a_model_built_on_meta_has_the_loaded_models_parameters_and_clipping_rules(lora):
+    """Sharding ranks build the model on the meta device: same names, shapes and trainable set as
+    the loaded one, no memory, and the clipper finds the same rules (RMSNorm's behaviour probe
+    runs on a materialised copy)."""
+    config = ModelConfig(name_or_path=str(REPO / "assets/models/stories260K"), lora_rank=lora)
+    real, _ = load_model_and_tokenizer(config)
+    meta, _ = load_model_and_tokenizer(config, on_meta=True)
+    shapes = {n: (p.shape, p.requires_grad) for n, p in real.named_parameters()}
+    assert {n: (p.shape, p.requires_grad) for n, p in meta.named_parameters()} == shapes
+    assert all(p.is_meta for p in meta.parameters())
+    assert PerSampleClipper(meta, max_grad_norm=1.0).shapes == PerSampleClipper(real, max_grad_norm=1.0).shapes

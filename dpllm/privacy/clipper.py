@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,12 +65,14 @@ class PerSampleClipper:
         max_grad_norm: float,
         strategy: str = "auto",
         verify_first_backward: bool = True,
-        grad_sink: dict[str, Tensor] | None = None,
+        grad_sink: Callable[[str, Tensor | None], None] | None = None,
     ) -> None:
-        """``grad_sink``: add clipped sums to ``grad_sink[name]`` (full-shape tensors in fp32, fp64
-        for fp64 models) instead of ``p.grad``. The private step always passes one, so sums are
-        never accumulated in a bf16/fp16 parameter dtype, and sharded parameters (FSDP2 swaps
-        them during backward) need no full-shape ``p.grad``."""
+        """``grad_sink``: called as ``grad_sink(name, clipped)`` for every parameter, in one fixed
+        order, with the micro-batch's clipped sum (full shape, fp32; fp64 for fp64 models) or None
+        where no sample reached it, instead of adding to ``p.grad``. The private step always passes
+        one, so sums are never accumulated in a bf16/fp16 parameter dtype; the sharded step sends
+        each sum to its owner as soon as it is formed (the fixed order keeps ranks' collectives
+        matched), so no rank holds a full-shape buffer per parameter."""
         if not 0 < max_grad_norm < math.inf:  # an infinite bound would release unclipped gradients
             raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
         if strategy not in STRATEGIES:
@@ -156,6 +159,13 @@ class PerSampleClipper:
                 return full
         raise RuntimeError(f"a rule for {type(module).__name__} returned a tensor that is not one of its parameters")
 
+    def rebind(self, named_parameters: dict[str, nn.Parameter]) -> None:
+        """Use the parameter objects a sharding engine put in place of the ones the hooks were
+        installed with (FSDP2's shards), and drop every reference to the old, full ones."""
+        self.by_name = {name: named_parameters[name] for name in self.shapes}
+        self.parameters = list(self.by_name.values())
+        self.names = {p: name for name, p in self.by_name.items()}
+
     def detach(self) -> None:
         """Remove the hooks."""
         for h in self._handles:
@@ -229,18 +239,21 @@ class PerSampleClipper:
             self._check_against_autograd(per_sample_loss[keep].sum(), groups, keep.to(acc_dtype))
 
         scaled: dict = {}
-        while groups:  # popping frees each layer's kept tensors as soon as its sum is formed
-            name, contribs = groups.popitem()
-            clipped = C.weighted_sum(contribs[0], factors, scaled)
-            for c in contribs[1:]:
-                clipped.add_(C.weighted_sum(c, factors, scaled))
-            clipped = clipped.view(self.shapes[name])
+        for name in self.shapes:  # popping frees each layer's kept tensors as soon as its sum is formed
+            contribs = groups.pop(name, None)
+            clipped = None
+            if contribs:
+                clipped = C.weighted_sum(contribs[0], factors, scaled)
+                for c in contribs[1:]:
+                    clipped.add_(C.weighted_sum(c, factors, scaled))
+                clipped = clipped.view(self.shapes[name])
+            del contribs
             if self.grad_sink is not None:
-                self.grad_sink[name] = clipped if name not in self.grad_sink else self.grad_sink[name].add_(clipped)
-                continue
-            p = self.by_name[name]
-            clipped = clipped.to(p.dtype)
-            p.grad = clipped if p.grad is None else p.grad.add_(clipped)
+                self.grad_sink(name, clipped)
+            elif clipped is not None:
+                p = self.by_name[name]
+                clipped = clipped.to(p.dtype)
+                p.grad = clipped if p.grad is None else p.grad.add_(clipped)
         return torch.where(keep, norms, torch.full_like(norms, float("nan")))
 
     def _direct(self, c: C.Outer) -> bool:
@@ -256,17 +269,46 @@ class PerSampleClipper:
         return total
 
     def _check_against_autograd(self, loss: Tensor, groups, ones: Tensor) -> None:
+        """Autograd's batch gradient of every parameter against the unclipped sum rebuilt from the
+        hooks, compared as each gradient is accumulated and then dropped: the check holds one
+        parameter's gradient at a time, not a second copy of the model."""
         params = self.parameters
-        expected = torch.autograd.grad(loss, params, allow_unused=True)
         rtol = {torch.float64: 1e-6, torch.float32: 1e-3}.get(params[0].dtype, 5e-2)
-        for p, ref in zip(params, expected):
-            ours = sum(C.weighted_sum(c, ones) for c in groups.get(self.names[p], []))
-            ours = torch.zeros_like(p, dtype=ones.dtype) if isinstance(ours, int) else ours.view_as(p)
-            ref = torch.zeros_like(ours) if ref is None else ref.to(ours.dtype)
-            scale = ref.norm().clamp_min(torch.finfo(ours.dtype).tiny)
-            if (ours - ref).norm() > rtol * scale + 1e-6:
-                raise UnsupportedModuleError(
-                    f"parameter '{self.names[p]}' receives gradient from outside the modules the clipper "
-                    "hooks (it is used directly in a forward pass, or an input is modified in place); "
-                    "its per-sample gradient cannot be bounded"
-                )
+        failed: list[str] = []
+
+        def compare(p: Tensor, ref: Tensor | None) -> None:
+            # the difference built in place on autograd's gradient: one full-size tensor at a time
+            diff = torch.zeros(p.shape, dtype=ones.dtype, device=ones.device) if ref is None else ref.to(ones.dtype).neg_()
+            scale = diff.norm()
+            for c in groups.get(self.names[p], []):
+                diff.add_(C.weighted_sum(c, ones).view(p.shape))
+            if diff.norm() > rtol * scale.clamp_min(torch.finfo(diff.dtype).tiny) + 1e-6:
+                failed.append(self.names[p])
+
+        def on_grad(p: Tensor) -> None:
+            compare(p, p.grad)
+            seen.add(p)
+            p.grad = None
+
+        stashed = {p: p.grad for p in params}
+        seen: set = set()
+        handles = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
+        try:
+            for p in params:
+                p.grad = None
+            used = [p for p in params if p.requires_grad]
+            loss.backward(inputs=used)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, g in stashed.items():
+                p.grad = g
+        for p in params:
+            if p not in seen:  # autograd gave it no gradient
+                compare(p, None)
+        if failed:
+            raise UnsupportedModuleError(
+                f"parameter '{failed[0]}' receives gradient from outside the modules the clipper "
+                "hooks (it is used directly in a forward pass, or an input is modified in place); "
+                "its per-sample gradient cannot be bounded"
+            )

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from dpllm.distributed.saving import save_streaming
+
 PARTIAL = ".partial"
 
 
@@ -88,28 +90,20 @@ def _text_to_tensor(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
 
 
-def gather_full_state(model) -> dict:
-    """FSDP2: the unsharded parameters, on the CPU of rank 0 (every rank takes part)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def save(
     output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer, accountant, sampler, noise, rows,
-    privacy: PrivacyContext,
+    privacy: PrivacyContext, partitioned: bool = False,
 ) -> Path:
+    """``partitioned``: the parameters are FSDP2 shards or ZeRO-3 partitions (the Hugging Face
+    folder is then streamed from them, every rank taking part)."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(final.name + PARTIAL)
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     env.barrier()
-    full_state = None
-    if engine == "fsdp":
-        full_state = gather_full_state(model)
-        if getattr(model.config, "tie_word_embeddings", False):
-            full_state.pop("lm_head.weight", None)  # stored once, as the embedding, like save_pretrained does
+    if partitioned:
+        save_streaming(model, tmp / "model", env)
     torch.save(_generator_states(), tmp / f"rng_rank{env.rank}.pt")
     if engine == "deepspeed":
         torch.save(optimizer.state_dict(), tmp / f"optim_rank{env.rank}.pt")
@@ -120,7 +114,8 @@ def save(
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "sharded", no_dist=not env.distributed)
     if env.is_main:
-        model.save_pretrained(tmp / "model", state_dict=full_state)
+        if not partitioned:
+            model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         state = {
             "step": step,
@@ -142,7 +137,7 @@ def save(
 
 def load(
     path: Path, *, env, engine: str, model, optimizer, accountant, sampler, noise, privacy: PrivacyContext,
-    accept_mismatch: bool = False,
+    accept_mismatch: bool = False, partitioned: bool = False,
 ) -> dict:
     """Restore the states saved by :func:`save` into freshly built objects; returns state.json,
     with ``privacy_mismatch`` listing how its privacy context differs from ``privacy`` (refused
@@ -161,18 +156,13 @@ def load(
             "privacy.accept_resume_mismatch=true to go on anyway (the summary and final/privacy.json record it)"
         )
     if engine == "deepspeed":
-        from safetensors.torch import load_file
-
-        # ZeRO restores its fp32 master partitions, not the module's parameters: load those too.
-        weights = {}
-        for shard in sorted((path / "model").glob("*.safetensors")):
-            weights.update(load_file(shard))
-        missing = set(dict(model.named_parameters())) - set(weights)
-        missing -= {n for n in missing if n.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
-        if missing:
-            raise ValueError(f"{path / 'model'} lacks parameters {sorted(missing)[:5]}")
-        model.load_state_dict(weights, strict=False)
-        partitions = [torch.load(path / f"optim_rank{r}.pt", weights_only=False) for r in range(env.world_size)]
+        if not partitioned:  # ZeRO-1/2 restore their fp32 master partitions, not the module's parameters
+            _load_module_weights(model, path / "model")
+        # ZeRO-1/2 may re-partition, so they read every rank's file; ZeRO-3 reads its own
+        partitions = [
+            torch.load(path / f"optim_rank{r}.pt", weights_only=False) if r == env.rank or not partitioned else None
+            for r in range(env.world_size)
+        ]
         optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         import torch.distributed.checkpoint as dcp
@@ -191,6 +181,19 @@ def load(
     if noise is not None and state["noise"] is not None and not noise.secure:
         noise.load_state_dict(state["noise"])
     return state
+
+
+def _load_module_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    missing = set(dict(model.named_parameters())) - set(weights)
+    missing -= {n for n in missing if n.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)}
+    if missing:
+        raise ValueError(f"{folder} lacks parameters {sorted(missing)[:5]}")
+    model.load_state_dict(weights, strict=False)
 
 
 def _generator_states() -> dict:

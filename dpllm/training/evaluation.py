@@ -38,15 +38,21 @@ class GenerationEval:
     ``predictions_step{N}.txt`` (one line per input, same order) at every evaluation.
     """
 
-    def __init__(self, task: Task, examples: list[Example], config: GenerationConfig, output_dir: str | Path) -> None:
-        self.task, self.config = task, config
+    def __init__(
+        self, task: Task, examples: list[Example], config: GenerationConfig, output_dir: str | Path,
+        write: bool = True, synced: bool = False,
+    ) -> None:
+        """``write=False``: generate only (a rank of a sharded model, stepping the forward in
+        lockstep with the others, ``synced``); the writing rank saves and scores."""
+        self.task, self.config, self.write, self.synced = task, config, write, synced
         self.sources, self.references = group_references(examples)
         if config.max_inputs is not None:
             self.sources, self.references = self.sources[: config.max_inputs], self.references[: config.max_inputs]
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_lines(self.dir / "inputs.txt", self.sources)
-        write_references(self.dir / "references.txt", self.references)
+        if write:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_lines(self.dir / "inputs.txt", self.sources)
+            write_references(self.dir / "references.txt", self.references)
 
     def __call__(self, model, tokenizer, step: int, progress: bool = False) -> dict[str, float]:
         c = self.config
@@ -57,8 +63,11 @@ class GenerationEval:
             num_beams=c.num_beams,
             max_new_tokens=c.max_new_tokens,
             batch_size=c.batch_size,
-            progress=progress,
+            progress=progress and self.write,
+            synced=self.synced,
         )
+        if not self.write:
+            return {}
         write_lines(self.dir / f"predictions_step{step}.txt", predictions)
         return {k: float(v) for k, v in self.task.score(predictions, self.references).items()}
 

@@ -62,7 +62,7 @@ class PrivateStep:
             )
         self.sums: dict[str, Tensor] = {}  # name -> this logical batch's clipped sum, fp32 at least
         self.clipper = PerSampleClipper(
-            model, max_grad_norm=max_grad_norm, strategy=strategy, grad_sink=self.sums, **(clipper_options or {})
+            model, max_grad_norm=max_grad_norm, strategy=strategy, grad_sink=self.accumulate, **(clipper_options or {})
         )
         self.params = dict(self.clipper.by_name)
         self.optimizer = optimizer
@@ -95,20 +95,29 @@ class PrivateStep:
         self._dropped += self.clipper.last_dropped
         return norms
 
+    def accumulate(self, name: str, clipped: Tensor | None) -> None:
+        """Add one parameter's clipped micro-batch sum to the step's sum (the clipper's sink)."""
+        if clipped is not None:
+            self.sums[name] = clipped if name not in self.sums else self.sums[name].add_(clipped)
+
     def accumulate_nothing(self, per_sample_loss: Tensor) -> None:
         """A backward that adds exactly zero: the loss is weighted by 0 (non-finite ones by 0 too),
-        for ranks that run extra micro-batches only to keep collectives in lockstep (FSDP2
-        gathers parameters in every forward and backward). The statistics do not count it."""
+        for ranks that run extra micro-batches only to keep collectives in lockstep (sharded sums
+        are reduced per micro-batch; FSDP2 gathers parameters in every forward and backward).
+        The statistics do not count it."""
         finite = per_sample_loss.where(torch.isfinite(per_sample_loss.detach()), 0.0)
         self.clipper.backward(finite * 0.0)
 
+    def _zeros(self, name: str) -> Tensor:
+        """A zero sum for ``name``, in the sums' precision (fp32 at least) on the parameters' device."""
+        some = next(iter(self.params.values()))
+        return torch.zeros(self.clipper.shapes[name], dtype=torch.promote_types(some.dtype, torch.float32), device=some.device)
+
     def _complete_sums(self) -> dict[str, Tensor]:
         """The clipped sums of every parameter, zeros for those no sample reached."""
-        some = next(iter(self.params.values()))
-        dtype = torch.promote_types(some.dtype, torch.float32)
-        for name, shape in self.clipper.shapes.items():
+        for name in self.clipper.shapes:
             if name not in self.sums:
-                self.sums[name] = torch.zeros(shape, dtype=dtype, device=some.device)
+                self.sums[name] = self._zeros(name)
         return self.sums
 
     def add_noise(self) -> None:

@@ -15,6 +15,9 @@ from tqdm.auto import tqdm
 
 from dpllm.config import RunConfig, publishable_dict
 from dpllm.distributed import ShardedPrivateStep, init_distributed
+from dpllm.distributed.fsdp import shard_from_rank0
+from dpllm.distributed.saving import save_streaming
+from dpllm.distributed.zero3 import partition_from_rank0
 from dpllm.models import load_model_and_tokenizer, pad_token_id
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
@@ -92,6 +95,10 @@ def load_task_data(config: RunConfig, tokenizer, objective: Objective):
     return eval_rows, encode(train_rows, "truncated_train"), encode(eval_rows, "truncated_eval"), counts
 
 
+def _trainable(model) -> list:
+    return [q for q in model.parameters() if q.requires_grad]
+
+
 def _optimizer(config: RunConfig, params):
     o = config.optim
     if o.name == "sgd":
@@ -109,25 +116,33 @@ def train(config: RunConfig) -> dict:
         raise ValueError(f"{env.world_size} processes were launched but engine is 'single'; pick ddp or deepspeed")
     device = env.device()
     objective = objective_for(config.data.task)
-    model, tokenizer = load_model_and_tokenizer(config.model, num_labels=objective.num_labels)
-    model.to(device).train()
+    partitioned = config.partitions_parameters  # FSDP2 or ZeRO-3: forwards and saving need every rank
+    # Partitioned engines: rank 0 loads, the others build on the meta device, then each keeps its part
+    model, tokenizer = load_model_and_tokenizer(config.model, num_labels=objective.num_labels, on_meta=partitioned and not env.is_main)
+    if not partitioned:
+        model.to(device)
+    model.train()
     pad_id = pad_token_id(tokenizer)
     eval_rows, train_data, eval_data, data_counts = load_task_data(config, tokenizer, objective)
     gen = config.generation
-    generates = eval_rows and env.is_main and objective.num_labels is None
-    scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out) if generates else None
+    evaluates = env.is_main or partitioned  # every rank steps a partitioned model's forward, in lockstep
+    scorer = None
+    if eval_rows and evaluates and objective.num_labels is None:
+        scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out, write=env.is_main, synced=partitioned and env.distributed)
     plan = plan_privacy(config, len(train_data))
     p = config.privacy
-    optimizer = None if config.engine == "fsdp" else _optimizer(config, [q for q in model.parameters() if q.requires_grad])
-    if config.engine == "deepspeed":
-        optimizer = _deepspeed_optimizer(config, model, optimizer)
+    # Built once the parameters are in place (FSDP2: on the shards); DeepSpeed wraps it after the step's hooks are on
+    optimizer = None if partitioned else _optimizer(config, _trainable(model))
     expected_batch = plan.sample_rate * len(train_data)
     accountant = PrivacyAccountant(plan.delta, p.accountant)
     # The root of the sample and the noise: rank 0's, secret unless the user fixed it.
     root = env.broadcast_int(p.noise_seed if p.noise_seed is not None else secret_seed())
+    if p.enabled and env.is_main:  # on the whole model (rank 0's, before sharding)
+        probe = objective.collate(train_data[:2], pad_id)  # the probe keeps every module's activations: 2 rows suffice
+        check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
+        if config.engine != "single":  # before any engine wraps (or partitions) the model
+            _check_clipping(model, objective, train_data[:2], pad_id, p.max_grad_norm)
     if p.enabled:
-        probe = objective.collate(train_data[:4], pad_id)  # the probe keeps every module's activations: a few rows
-        check_per_sample(model, objective.per_sample_loss, {k: v.to(device) for k, v in probe.items()})
         if p.noise_seed is not None:
             log.warning(
                 "privacy.noise_seed is set: the reported epsilon assumes that number stays secret "
@@ -149,14 +164,7 @@ def train(config: RunConfig) -> dict:
         if config.engine == "single":
             stepper = PrivateStep(model, optimizer, **common)
         else:
-            handover = {"ddp": "replicated", "fsdp": "fsdp", "deepspeed": "deepspeed"}[config.engine]
-            if config.engine == "fsdp":  # the first-backward check needs the unsharded model
-                _check_clipping(model, objective, train_data[: config.micro_batch_size], pad_id, p.max_grad_norm)
-            stepper = ShardedPrivateStep(model, optimizer, env=env, handover=handover, **common)
-            if config.engine == "fsdp":
-                _fully_shard(model)
-                optimizer = _optimizer(config, [q for q in model.parameters() if q.requires_grad])
-                stepper.use_sharded(model, optimizer)
+            stepper = _sharded_step(config, env, model, optimizer, device, common)
         if config.denoise.diagnostics:
             log.warning(
                 "denoise.diagnostics is on: diagnostics/metrics.jsonl will hold cosines to the clipped, pre-noise "
@@ -178,7 +186,6 @@ def train(config: RunConfig) -> dict:
         "planned_epsilon": plan.planned_epsilon if p.enabled else None,
         **data_counts,
     }
-    evaluates = env.is_main or config.engine == "fsdp"  # FSDP2's forward needs every rank
     noise = stepper.noise if p.enabled else None
     privacy_context = checkpoint.PrivacyContext(
         private=p.enabled, num_train_examples=len(train_data), delta=plan.delta, accountant=p.accountant,
@@ -189,6 +196,7 @@ def train(config: RunConfig) -> dict:
         return checkpoint.save(
             out, step, env=env, engine=config.engine, model=model, tokenizer=tokenizer, optimizer=stepper.optimizer,
             accountant=accountant, sampler=sampler, noise=noise, rows=metrics.rows, privacy=privacy_context,
+            partitioned=partitioned,
         )
 
     start, resume_mismatch = 0, []
@@ -197,6 +205,7 @@ def train(config: RunConfig) -> dict:
         state = checkpoint.load(
             path, env=env, engine=config.engine, model=model, optimizer=stepper.optimizer,
             accountant=accountant, sampler=sampler, noise=noise, privacy=privacy_context, accept_mismatch=p.accept_resume_mismatch,
+            partitioned=partitioned,
         )
         start = stepper.step_index = state["step"]
         resume_mismatch = state["privacy_mismatch"]
@@ -228,9 +237,10 @@ def train(config: RunConfig) -> dict:
         # depend on how the logical batch is cut.
         mine = sorted(rank_share(indices, env.rank, env.world_size), key=lambda i: len(train_data[i]["input_ids"]))
         micros = micro_batches(mine, config.micro_batch_size)
-        # FSDP2 gathers parameters in every forward and backward, so its ranks run as many micro-batches
-        # as the busiest one (Poisson shares differ; one may be empty), the extra ones adding nothing.
-        rounds = env.max_int(len(micros)) if config.engine == "fsdp" else len(micros)
+        # Clipped sums go to their owners per micro-batch (and FSDP2 gathers parameters in every forward
+        # and backward), so ranks run as many micro-batches as the busiest one (Poisson shares differ;
+        # one may be empty), the extra ones adding nothing.
+        rounds = env.max_int(len(micros))
         for k in range(rounds):
             padding = k >= len(micros)
             examples = train_data[:1] if padding else [train_data[i] for i in micros[k]]
@@ -288,10 +298,9 @@ def train(config: RunConfig) -> dict:
     if p.enabled and p.noise_seed is not None:
         summary["seed_note"] = "privacy.noise_seed was fixed: epsilon holds only while that number stays secret"
     diagnostics = {"train_seconds": round(time.perf_counter() - started, 1)}
-    if config.engine == "fsdp":
-        model = _gathered_copy(config, model, env, objective.num_labels)
-    if env.is_main:  # rank 0 evaluates and saves the (replicated or gathered) model
-        summary.update(_finish(config, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, end))
+    finished = _finish(config, env, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, end) if evaluates else {}
+    if env.is_main:
+        summary.update(finished)
         write_privacy_report(out / "final", report)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if p.diagnostics_log:
@@ -307,8 +316,9 @@ def _fingerprint(examples: list[dict]) -> str:
     return hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
 
 
-def _finish(config, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, steps: int) -> dict:
-    """Final evaluation and scores (reusing the last step's when it just ran them), model, plots."""
+def _finish(config, env, objective, model, tokenizer, metrics, header, eval_data, pad_id, scorer, steps: int) -> dict:
+    """Final evaluation and scores (reusing the last step's when it just ran them), model, plots.
+    Under FSDP2 and ZeRO-3 every rank runs it (the forward and the streamed save are collective)."""
     out = Path(config.output_dir)
     last = metrics.rows[-1]
     final = {k: v for k, v in last.items() if k.startswith("eval_")} if last["step"] == steps else {}
@@ -319,8 +329,15 @@ def _finish(config, objective, model, tokenizer, metrics, header, eval_data, pad
     if final_scores is None and scorer and config.generation.at_end:
         final_scores = scorer(model, tokenizer, steps, progress=config.progress)
         metrics.log({"step": steps, "scores": final_scores})
-    to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    to_save.save_pretrained(out / "final")
+    if config.partitions_parameters:
+        save_streaming(model, out / "final", env)
+    else:
+        if hasattr(model, "merge_and_unload"):  # LoRA: the adapters alone, then the merged model
+            model.save_pretrained(out / "final" / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(out / "final")
+    if not env.is_main:
+        return {}
     tokenizer.save_pretrained(out / "final")
     metrics.plot(out / "training.png")
     metrics.plot_denoising(out / "denoising.png")
@@ -335,8 +352,9 @@ def _finish(config, objective, model, tokenizer, metrics, header, eval_data, pad
 
 
 def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float) -> None:
-    """One clipped backward with the clipper's check against autograd, then nothing kept."""
-    clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, verify_first_backward=True)
+    """One clipped backward with the clipper's check against autograd, then nothing kept (the
+    clipped sums are dropped as formed, the check holds one parameter's gradient at a time)."""
+    clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, verify_first_backward=True, grad_sink=lambda name, sum_: None)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in objective.collate(examples, pad_id).items()}
     clipper.backward(objective.per_sample_loss(model, batch))
@@ -344,35 +362,36 @@ def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: i
     model.zero_grad(set_to_none=True)
 
 
-def _fully_shard(model) -> None:
-    """FSDP2: each decoder layer is a unit, the root holds embeddings, final norm and lm_head."""
-    from torch.distributed.fsdp import fully_shard
+def _sharded_step(config: RunConfig, env, model, optimizer, device, common: dict) -> ShardedPrivateStep:
+    """The multi-process step, its hooks put on the modules before FSDP2 swaps their parameters
+    for shards or ZeRO-3 partitions them; then the engine's optimizer over what each rank holds."""
+    handover = {"ddp": "replicated", "fsdp": "fsdp", "deepspeed": "zero3" if config.zero_stage == 3 else "deepspeed"}
+    stepper = ShardedPrivateStep(model, optimizer, env=env, handover=handover[config.engine], **common)
+    if config.engine == "fsdp":
+        shard_from_rank0(model, env, device)
+        stepper.use_sharded(model, _optimizer(config, _trainable(model)))
+    elif config.engine == "deepspeed":
+        if config.zero_stage == 3:
+            partition_from_rank0(model, _deepspeed_config(config), env)
+            optimizer = _optimizer(config, _trainable(model))
+        stepper.use_sharded(model, _deepspeed_optimizer(config, model, optimizer))
+    return stepper
 
-    for module in list(model.modules()):
-        if type(module).__name__.endswith("DecoderLayer"):
-            fully_shard(module)
-    fully_shard(model)
 
-
-def _gathered_copy(config: RunConfig, model, env, num_labels: int | None):
-    """The full parameters on rank 0 (every rank takes part in the gather), in an unsharded model."""
-    full = checkpoint.gather_full_state(model)
-    if not env.is_main:
-        return None
-    plain, _ = load_model_and_tokenizer(config.model, num_labels=num_labels)
-    plain.load_state_dict(full)
-    return plain
+def _deepspeed_config(config: RunConfig) -> dict:
+    """The DeepSpeed config file, with the batch settings the private step implies."""
+    with open(config.deepspeed_config, encoding="utf-8") as f:
+        ds = json.load(f)  # ZeRO stage 1, 2 or 3: checked with the config
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"] = config.micro_batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds.setdefault("zero_optimization", {})["overlap_comm"] = False
+    return ds
 
 
 def _deepspeed_optimizer(config: RunConfig, model, optimizer):
     """Wrap the optimizer in DeepSpeed's ZeRO optimizer; the private step drives it directly."""
     import deepspeed
 
-    with open(config.deepspeed_config, encoding="utf-8") as f:
-        ds = json.load(f)  # ZeRO stage 1 or 2: checked with the config
-    ds.pop("train_batch_size", None)
-    ds["train_micro_batch_size_per_gpu"] = config.micro_batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds.setdefault("zero_optimization", {})["overlap_comm"] = False
-    _, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    _, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_deepspeed_config(config))
     return ds_optimizer

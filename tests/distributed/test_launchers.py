@@ -27,8 +27,8 @@ def _launch(kind: str, out: Path, extra: list[str], recipe=("--recipe", RECIPE, 
 @pytest.mark.parametrize("denoise", [False, True], ids=["plain", "denoised"])
 def test_two_processes_match_one(tmp_path, denoise):
     extra = ["denoise.enabled=true"] if denoise else []
-    kinds = ("deepspeed", "fsdp", "ddp")
-    runs = {kind: _launch(kind, tmp_path / kind, extra) for kind in ("single", "fsdp", "ddp")}
+    kinds = ("deepspeed", "zero3", "fsdp", "ddp")
+    runs = {kind: _launch(kind, tmp_path / kind, extra) for kind in ("single", "zero3", "fsdp", "ddp")}
     # DeepSpeed with no --recipe (as in the README): the launcher defaults to the same tiny recipe
     runs["deepspeed"] = _launch("deepspeed", tmp_path / "deepspeed", extra, recipe=TINY)
     single = runs["single"]
@@ -71,15 +71,54 @@ def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_with_unequal_and_empty_rank_shares_matches_one_process(tmp_path):
-    """Poisson batches split unevenly: FSDP2 ranks run different numbers of micro-batches (one rank
-    none at all) and must still step together instead of hanging in a parameter gather."""
+def test_unequal_and_empty_rank_shares_match_one_process(tmp_path):
+    """Poisson batches split unevenly: ranks have different numbers of micro-batches (one rank none
+    at all) and must still step together, on every engine, instead of hanging in a per-micro-batch
+    reduce (or a parameter gather of FSDP2 or ZeRO-3)."""
     extra = ["batch_size=3", "micro_batch_size=1", "max_steps=6", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"]
-    single, fsdp = (_launch(kind, tmp_path / kind, extra) for kind in ("single", "fsdp"))
-    sizes = [r["batch_size"] for r in fsdp["rows"] if "batch_size" in r]
-    assert any(n % 2 for n in sizes) and any(n <= 1 for n in sizes), sizes  # unequal shares, and an empty one
-    for name, value in single["params"].items():
-        torch.testing.assert_close(fsdp["params"][name], value, rtol=0, atol=1e-5, msg=name)
+    single = _launch("single", tmp_path / "single", extra)
+    for kind in ("fsdp", "zero3", "deepspeed", "ddp"):
+        run = _launch(kind, tmp_path / kind, extra)
+        sizes = [r["batch_size"] for r in run["rows"] if "batch_size" in r]
+        assert any(n % 2 for n in sizes) and any(n <= 1 for n in sizes), sizes  # unequal shares, and an empty one
+        for name, value in single["params"].items():
+            torch.testing.assert_close(run["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("denoise", [False, True], ids=["plain", "denoised"])
+def test_lora_on_two_processes_matches_one(tmp_path, denoise):
+    """LoRA under FSDP2, ZeRO-3 and ZeRO-2: the merged final/ and final/adapter/ equal one process's.
+    The plain case also generates during training, every rank stepping the partitioned forward in
+    lockstep."""
+    extra = ["model.lora_rank=4", "model.lora_targets=[q_proj,v_proj,down_proj]"]
+    if denoise:
+        extra += ["denoise.enabled=true", "denoise.lora=true"]
+    else:
+        extra += ["log_every=1", "generation.every=3", "generation.max_inputs=2", "generation.num_beams=2", "generation.max_new_tokens=8"]
+    runs = {kind: _launch(kind, tmp_path / kind, extra) for kind in ("single", "fsdp", "zero3", "deepspeed")}
+    single = runs["single"]
+    adapter = load_file(tmp_path / "single/final/adapter/adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    for kind in ("fsdp", "zero3", "deepspeed"):
+        assert runs[kind]["summary"]["epsilon"] == single["summary"]["epsilon"]
+        for name, value in single["params"].items():
+            torch.testing.assert_close(runs[kind]["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")
+        theirs = load_file(tmp_path / kind / "final/adapter/adapter_model.safetensors")
+        assert set(theirs) == set(adapter)
+        for name, value in adapter.items():
+            torch.testing.assert_close(theirs[name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")
+    if denoise:
+        expected = [r["denoised_fraction"] for r in single["rows"] if "denoised_fraction" in r]
+        assert max(expected) > 0
+        for kind in ("fsdp", "zero3"):
+            assert [r["denoised_fraction"] for r in runs[kind]["rows"] if "denoised_fraction" in r] == expected
+    else:
+        predictions = (tmp_path / "single/predictions_step3.txt").read_text()
+        for kind in ("fsdp", "zero3"):
+            assert predictions.strip() and (tmp_path / kind / "predictions_step3.txt").read_text() == predictions
+            scores = [r["scores"] for r in runs[kind]["rows"] if "scores" in r]
+            assert scores == [r["scores"] for r in single["rows"] if "scores" in r] and scores
 
 
 @pytest.mark.slow
@@ -120,16 +159,18 @@ def test_ranks_share_one_poisson_sample_from_rank_0s_secret(tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_two_torchrun_nodes_match_one_process(tmp_path):
+@pytest.mark.parametrize("lora", [[], ["model.lora_rank=4"]], ids=["full", "lora"])
+def test_two_torchrun_nodes_match_one_process(tmp_path, lora):
     """Multi-node: two torchrun invocations on this machine (one process each, c10d rendezvous on
-    127.0.0.1) train like one process."""
-    single = _launch("single", tmp_path / "single", [])
+    127.0.0.1) train like one process, LoRA included."""
+    single = _launch("single", tmp_path / "single", lora)
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
         subprocess.Popen(
             [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
              "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "dpllm-two-nodes",
-             "launch/e2e.py", "--engine", "fsdp", "--recipe", RECIPE, *TINY, "max_steps=3", f"output_dir={tmp_path / 'nodes'}"],
+             "launch/e2e.py", "--engine", "fsdp", "--recipe", RECIPE, *TINY, "max_steps=3", f"output_dir={tmp_path / 'nodes'}",
+             *lora],
             cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in (0, 1)
@@ -142,3 +183,22 @@ def test_two_torchrun_nodes_match_one_process(tmp_path):
     params = load_file(tmp_path / "nodes/final/model.safetensors")
     for name, value in single["params"].items():
         torch.testing.assert_close(params[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_zero3_with_a_layer_without_a_per_sample_rule_is_refused_on_every_rank(tmp_path):
+    """Gemma's RMSNorm scales by (1 + w): no rule bounds it, so every rank stops with the error
+    naming the module (before ZeRO-3 partitions anything) instead of one rank hanging."""
+    from transformers import AutoTokenizer, GemmaConfig, GemmaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(REPO / "assets/models/stories260K")
+    torch.manual_seed(0)
+    config = GemmaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GemmaForCausalLM(config).save_pretrained(tmp_path / "gemma")
+    tok.save_pretrained(tmp_path / "gemma")
+    args = ["--recipe", RECIPE, *TINY, "max_steps=1", f"output_dir={tmp_path / 'out'}", f"model.name_or_path={tmp_path / 'gemma'}"]
+    done = subprocess.run(command("zero3", args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stdout.count("GemmaRMSNorm") + done.stderr.count("GemmaRMSNorm") >= 2  # both ranks name it
+    assert "have no per-sample gradient rule" in done.stdout + done.stderr

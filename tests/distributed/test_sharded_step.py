@@ -61,9 +61,8 @@ def test_zero_signal_update_is_one_noise_draw_on_one_and_two_processes():
 def _denoise_sharded(env, grads):
     model = tiny_model("llama", dtype=torch.float64, seed=0, hidden=64, vocab=128)
     step = _step(env, model, denoise={"method": "full"})
-    for name in step.params:
-        step.sums[name] = grads[name] / env.world_size  # the ranks' partial sums add up to the full gradient
-    step.reduce_to_owners()
+    for name in step.params:  # the ranks' partial sums add up to the full gradient
+        step.accumulate(name, grads[name] / env.world_size)
     stats = step.denoise()
     step.average()
     step.hand_over()
@@ -108,3 +107,21 @@ def test_owners_cover_every_parameter_and_balance_the_svd_work():
     assert svd[0] == svd[1]  # four of each shape: a perfect split exists and greedy finds it
     assert assign_owners(shapes, denoised, 2) == owners  # every rank computes the same assignment
     assert set(assign_owners(shapes, denoised, 1).values()) == {0}
+
+
+def _one_trainable_tensor(env):
+    model = tiny_model("llama", dtype=torch.float64, seed=0)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("layers.0.self_attn.q_proj.weight"))
+    try:
+        _step(env, model)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_more_processes_than_trainable_tensors_is_refused():
+    assert run_on_ranks(1, _one_trainable_tensor) == [None]
+    errors = run_on_ranks(2, _one_trainable_tensor)
+    assert all(e and "2 processes but only 1 trainable parameter tensor(s)" in e and "q_proj" in e for e in errors), errors

@@ -55,7 +55,7 @@ def _run_and_kill_after_first_checkpoint(kind: str, out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["single", "deepspeed", "fsdp"])
+@pytest.mark.parametrize("kind", ["single", "deepspeed", "zero3", "fsdp"])
 def test_kill_and_resume_gives_the_straight_run(tmp_path, kind):
     straight = _run("single", ["max_steps=6", f"output_dir={tmp_path / 'straight'}"])
     _run_and_kill_after_first_checkpoint(kind, tmp_path / "killed")

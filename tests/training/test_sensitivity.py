@@ -30,7 +30,7 @@ def _examples() -> list[dict]:
 
 
 def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The clipped sums each owner holds after the reduce (the stage before the noise)."""
+    """The clipped sums each owner holds before the noise."""
     model = tiny_model("llama", dtype=dtype, seed=0).to(device)
     step = ShardedPrivateStep(
         model, torch.optim.SGD(model.parameters(), lr=0.1), env=env, max_grad_norm=C,
@@ -42,8 +42,7 @@ def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None, device: str = 
     for micro in micro_batches(mine, 16):
         batch = {k: v.to(device) for k, v in collate([data[i] for i in micro], 0).items()}
         step.clip_and_accumulate(forward_per_sample_loss(model, batch))
-    step.reduce_to_owners()
-    return {name: g.cpu().clone() for name, g in step.sums.items() if step.owners[name] == env.rank}
+    return {name: g.cpu().clone() for name, g in step._complete_sums().items()}  # owners' sums, reduced per micro-batch
 
 
 def _distance(world_size: int, dtype: torch.dtype, device: str = "cpu") -> float:

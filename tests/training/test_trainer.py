@@ -148,6 +148,17 @@ def test_lora_run(tmp_path, local_models):
             assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta.double(), rtol=1e-6) <= 4, name
         else:
             assert torch.equal(p, base[name]), name
+    # final/adapter/ is the adapter alone, in peft's form: applied to the base model by peft, it gives final/
+    from peft import PeftModel
+
+    applied = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(local_models["llama"]), tmp_path / "final/adapter")
+    for name, p in applied.merge_and_unload().named_parameters():
+        torch.testing.assert_close(p, merged[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_targets_that_match_nothing_are_refused(tmp_path, local_models):
+    with pytest.raises(ValueError, match=r"model.lora_targets=\['nowhere'\] match no module"):
+        run(tmp_path, local_models["llama"], "model.lora_rank=4", "model.lora_targets=[nowhere]")
 
 
 def test_non_private_baseline_run(tmp_path, local_models):

@@ -7,6 +7,8 @@ A variant that computes something else (say Gemma's ``(1 + w)``) fails the probe
 reported as unsupported instead of being clipped with the wrong formula.
 """
 
+import copy
+
 import torch
 from torch import nn
 
@@ -34,8 +36,13 @@ def _behaves_like_rms_norm(module: nn.Module) -> bool:
     if not type(module).__name__.lower().endswith("rmsnorm") or set(params) != {"weight"}:
         return False
     weight = params["weight"]
-    if weight.dim() != 1 or weight.is_meta:
+    if weight.dim() != 1:
         return False
+    if weight.is_meta:  # a sharding engine's rank before it materialises its shard: probe a copy
+        module = copy.deepcopy(module).to_empty(device="cpu")
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        weight = module.weight
     probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
     with torch.no_grad():
         expected = weight * normalize(module, probe)

@@ -1,0 +1,230 @@
+"""Per-rank peak memory of a private run at world sizes 1, 2 and 4, per engine.
+
+    python bench/memory.py                        # SmolLM-135M's published config, random weights
+    python bench/memory.py --model smollm-360m --worlds 1 2 --engines fsdp
+
+Each run is the tiny E2E recipe (2 steps, expected batch 4 in micro-batches of 1, sequences of
+at most 64 tokens, fixed noise multiplier) launched as a user would (torchrun for FSDP2, the DeepSpeed launcher
+for ZeRO-3 and ZeRO-2). Every worker records its own peak (resident memory on CPU, torch's
+``max_memory_allocated`` on a GPU) over the whole run, and over its training phase: from the
+first micro-batch on (training, evaluation, saving), after loading, sharding and rank 0's
+startup checks on the whole model. "Model memory" is the largest rank's peak minus the same
+run's with the embedded 260K-parameter model, which removes what the process needs whatever the
+model (interpreter, torch, data). Ratios are to the same engine on one process. On CPU, glibc's
+mmap threshold is fixed at 128 KiB so that freed tensors leave the resident set (as they leave
+``memory_allocated`` on a GPU) instead of staying in the heap, and the training phase's resident
+memory is sampled every 10 ms.
+
+The formula printed at the end is the memory the implementation keeps per parameter per rank
+(fp32, AdamW), next to the training phase's measurement; it says what fits N devices of M GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Published configurations (Llama architecture), built with random weights.
+MODELS = {
+    "smollm-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
+    "smollm-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                        num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
+    # not a published model: the tests run the whole script on it in seconds
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256),
+}
+TINY_MODEL = "assets/models/stories260K"
+RUN = [
+    "data.max_train_examples=200", "data.max_eval_examples=4", "eval_batch_size=1", "data.max_length=64", "batch_size=4",
+    "micro_batch_size=1", "max_steps=2", "eval_every=0", "generation.every=0", "generation.at_end=false",
+    "progress=false", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0",
+]
+# Bytes per parameter per rank the implementation keeps (fp32 weights, N ranks), and what it holds.
+FORMULAS = {
+    "fsdp": ("16/N", lambda n: 16 / n,
+             "weights 4/N + gradient shards 4/N + AdamW 8/N; owned clipped sums 4/N live before the gradients exist"),
+    "zero3": ("24/N", lambda n: 24 / n,
+              "weights 4/N + fp32 master 4/N + AdamW 8/N + gradient partitions 4/N + owned clipped sums 4/N"),
+    "zero2": ("8 + 16/N", lambda n: 8 + 16 / n,
+              "weights 4 + the hand-over's replicated gradients 4 + fp32 master 4/N + AdamW 8/N + owned clipped sums 4/N"),
+}
+
+
+def _peak_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(out: Path, argv: list[str]) -> None:
+    """Run launch/e2e.py in this process, then record this rank's peaks: before the first
+    micro-batch (loading, sharding, the startup checks) and after it (training, evaluation,
+    saving; on CPU resident memory sampled every 10 ms from then on)."""
+    import threading
+
+    import psutil
+    import torch
+
+    from dpllm.training.private_step import PrivateStep
+    from launch.e2e import main
+
+    phase = {"training_mb": 0.0}
+    first = PrivateStep.clip_and_accumulate
+
+    def sample() -> None:
+        me = psutil.Process()
+        while True:
+            phase["training_mb"] = max(phase["training_mb"], me.memory_info().rss / 2**20)
+            time.sleep(0.01)
+
+    def clip_and_accumulate(self, loss):
+        if "setup_mb" not in phase:
+            phase["setup_mb"] = _peak_mb()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                threading.Thread(target=sample, daemon=True).start()
+        return first(self, loss)
+
+    PrivateStep.clip_and_accumulate = clip_and_accumulate
+    code = main(argv)
+    if torch.cuda.is_available():
+        phase["training_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    peak = {"rank": int(os.environ.get("RANK", "0")), "measure": "cuda_mb" if torch.cuda.is_available() else "rss_mb",
+            "peak_mb": max(_peak_mb(), phase["training_mb"]), "setup_mb": phase.get("setup_mb", 0.0),
+            "training_mb": phase["training_mb"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"peak_rank{peak['rank']}.json").write_text(json.dumps(peak))
+    sys.exit(code)
+
+
+def save_model(name: str, folder: Path) -> Path:
+    """The published config with random weights (and the embedded tokenizer), saved once."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(REPO / TINY_MODEL)
+    config = LlamaConfig(**MODELS[name], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def launch(engine: str, world: int, model: Path, optim: str, out: Path, port: int) -> dict:
+    bin_dir = Path(sys.executable).parent
+    args = ["--recipe", "recipes/e2e/tiny_cpu.yaml", *RUN, f"model.name_or_path={model}", f"optim.name={optim}",
+            f"output_dir={out / 'run'}"]
+    me = ["bench/memory.py", "--worker", str(out / "peaks")]
+    if engine == "fsdp":
+        cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(port), *me, "--",
+               "--engine", "fsdp", *args]
+    else:
+        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(world), "--master_port", str(port), *me, "--",
+               "--config", f"ds_configs/{engine}.json", *args]
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), PATH=f"{bin_dir}:{os.environ['PATH']}",
+               OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    shutil.rmtree(out, ignore_errors=True)  # no peak or output of an earlier run is read back
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    peaks = [json.loads(p.read_text()) for p in sorted((out / "peaks").glob("peak_rank*.json"))]
+    return {
+        "peak_mb": max(p["peak_mb"] for p in peaks), "setup_mb": max(p["setup_mb"] for p in peaks),
+        "training_mb": max(p["training_mb"] for p in peaks), "measure": peaks[0]["measure"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm-135m")
+    parser.add_argument("--engines", nargs="+", choices=sorted(FORMULAS), default=["fsdp", "zero3", "zero2"])
+    parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--optims", nargs="+", choices=["adamw", "sgd"], default=["adamw", "sgd"])
+    parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_memory")
+    parser.add_argument("--results", type=Path, default=None, help="also write the rows to results.json in this folder")
+    args = parser.parse_args()
+    from transformers import AutoConfig
+
+    model = save_model(args.model, args.out / "models" / args.model)
+    cfg = AutoConfig.from_pretrained(model)
+    params = _count(model)
+    print(f"{args.model}: {params / 1e6:.1f}M parameters (config {cfg.hidden_size}x{cfg.num_hidden_layers}, vocab {cfg.vocab_size})")
+    rows, port = [], 29700
+    for engine in args.engines:
+        optims = args.optims if engine == "fsdp" else ["adamw"]  # ZeRO's partitions are the optimizer's
+        for optim in optims:
+            base = {}
+            for world in args.worlds:
+                port += 1
+                tag = f"{engine}_{optim}_w{world}"
+                big = launch(engine, world, model, optim, args.out / tag, port)
+                port += 1
+                small = launch(engine, world, REPO / TINY_MODEL, optim, args.out / (tag + "_tiny"), port)
+                model_mb = big["peak_mb"] - small["peak_mb"]
+                training_mb = big["training_mb"] - small["training_mb"]
+                base.setdefault("model_mb", model_mb)
+                base.setdefault("training_mb", training_mb)
+                row = {
+                    "engine": engine, "optim": optim, "world": world, "peak_mb": round(big["peak_mb"]),
+                    "baseline_mb": round(small["peak_mb"]), "model_mb": round(model_mb),
+                    "ratio_to_one": round(model_mb / base["model_mb"], 3) if base["model_mb"] > 0 else None,
+                    "bytes_per_param": round(model_mb * 2**20 / params, 1), "measure": big["measure"],
+                    "training_model_mb": round(training_mb),
+                    "training_ratio_to_one": round(training_mb / base["training_mb"], 3) if base["training_mb"] > 0 else None,
+                    "training_bytes_per_param": round(training_mb * 2**20 / params, 1),
+                    "setup_peak_mb": round(big["setup_mb"]),
+                    "seconds": big["seconds"],
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| engine | optimizer | processes | peak per rank (MB) | model memory (MB) | vs 1 process | bytes/param/rank "
+          "| training phase: model memory (MB) | vs 1 process | bytes/param/rank |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['optim']} | {r['world']} | {r['peak_mb']} | {r['model_mb']} | {r['ratio_to_one']} "
+              f"| {r['bytes_per_param']} | {r['training_model_mb']} | {r['training_ratio_to_one']} | {r['training_bytes_per_param']} |")
+    print("\nformula (fp32, AdamW), bytes per parameter per rank, against the training phase's measurement:")
+    for engine in args.engines:
+        text, f, parts = FORMULAS[engine]
+        measured = {r["world"]: r["training_bytes_per_param"] for r in rows if r["engine"] == engine and r["optim"] == "adamw"}
+        print(f"  {engine}: {text} ({parts}); " + ", ".join(f"N={n}: {f(n):.1f} formula, {b} measured" for n, b in measured.items()))
+    if args.results:
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "results.json").write_text(json.dumps({"model": args.model, "parameters": params, "rows": rows}, indent=2))
+
+
+def _count(folder: Path) -> int:
+    """Parameters stored in a saved model (tied weights once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+if __name__ == "__main__":
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the DeepSpeed launcher adds it
+    if argv[:1] == ["--worker"]:
+        worker(Path(argv[1]), argv[3:] if argv[2:3] == ["--"] else argv[2:])
+    main()

@@ -128,6 +128,7 @@ def save_model(name: str, folder: Path) -> Path:
 
 
 def launch(engine: str, world: int, model: Path, optim: str, out: Path, port: int) -> dict:
+    """One run's peaks over its ranks, or ``{"error": ...}`` when it failed (say, killed for memory)."""
     bin_dir = Path(sys.executable).parent
     args = ["--recipe", "recipes/e2e/tiny_cpu.yaml", *RUN, f"model.name_or_path={model}", f"optim.name={optim}",
             f"output_dir={out / 'run'}"]
@@ -144,7 +145,9 @@ def launch(engine: str, world: int, model: Path, optim: str, out: Path, port: in
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        killed = "exits with return code = -9" in done.stdout + done.stderr or "exitcode  : -9" in done.stderr
+        print(f"{' '.join(cmd)} failed:\n{done.stdout[-1000:]}\n{done.stderr[-2000:]}", file=sys.stderr)
+        return {"error": "a rank was killed (SIGKILL: out of memory?)" if killed else f"exit code {done.returncode}"}
     peaks = [json.loads(p.read_text()) for p in sorted((out / "peaks").glob("peak_rank*.json"))]
     return {
         "peak_mb": max(p["peak_mb"] for p in peaks), "setup_mb": max(p["setup_mb"] for p in peaks),
@@ -179,6 +182,10 @@ def main() -> None:
                 big = launch(engine, world, model, optim, args.out / tag, port)
                 port += 1
                 small = launch(engine, world, REPO / TINY_MODEL, optim, args.out / (tag + "_tiny"), port)
+                if "error" in big or "error" in small:
+                    rows.append({"engine": engine, "optim": optim, "world": world, "error": big.get("error") or small["error"]})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 model_mb = big["peak_mb"] - small["peak_mb"]
                 training_mb = big["training_mb"] - small["training_mb"]
                 base.setdefault("model_mb", model_mb)
@@ -200,12 +207,16 @@ def main() -> None:
           "| training phase: model memory (MB) | vs 1 process | bytes/param/rank |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['engine']} | {r['optim']} | {r['world']} | {r['error']} | | | | | | |")
+            continue
         print(f"| {r['engine']} | {r['optim']} | {r['world']} | {r['peak_mb']} | {r['model_mb']} | {r['ratio_to_one']} "
               f"| {r['bytes_per_param']} | {r['training_model_mb']} | {r['training_ratio_to_one']} | {r['training_bytes_per_param']} |")
     print("\nformula (fp32, AdamW), bytes per parameter per rank, against the training phase's measurement:")
     for engine in args.engines:
         text, f, parts = FORMULAS[engine]
-        measured = {r["world"]: r["training_bytes_per_param"] for r in rows if r["engine"] == engine and r["optim"] == "adamw"}
+        measured = {r["world"]: r["training_bytes_per_param"] for r in rows
+                    if r["engine"] == engine and r["optim"] == "adamw" and "error" not in r}
         print(f"  {engine}: {text} ({parts}); " + ", ".join(f"N={n}: {f(n):.1f} formula, {b} measured" for n, b in measured.items()))
     if args.results:
         args.results.mkdir(parents=True, exist_ok=True)

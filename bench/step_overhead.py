@@ -229,7 +229,7 @@ def peak_memory(variant, name, device, freeze_norms, runs: int) -> float:
 def report(rows: list[tuple[str, str]], times: dict, mems: dict, base: str) -> None:
     print(f"{'variant':<30}{'step s':>9}{'peak MB':>10}{'time ratio':>12}{'mem ratio':>11}")
     for label, v in rows:
-        print(f"{label:<30}{times[v]:>9.3f}{mems[v]:>10.0f}{times[v] / times[base]:>12.2f}{mems[v] / mems[base]:>11.2f}")
+        print(f"{label:<30}{times[v]:>9.4f}{mems[v]:>10.0f}{times[v] / times[base]:>12.2f}{mems[v] / mems[base]:>11.2f}")
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ micro-batch, a broadcast, reduce-scatter or scatter of it once, and 7 scalars.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -43,6 +44,7 @@ from dpllm.distributed.ownership import assign_owners
 from dpllm.training.private_step import PrivateStep
 
 HANDOVERS = ("replicated", "deepspeed", "fsdp", "zero3")
+log = logging.getLogger("dpllm")
 
 
 class ShardedPrivateStep(PrivateStep):
@@ -69,12 +71,6 @@ class ShardedPrivateStep(PrivateStep):
         super().__init__(model, optimizer, denoiser_options=None, **kwargs)
         self.env, self.handover = env, handover
         shapes = self.clipper.shapes
-        if len(shapes) < env.world_size:
-            raise ValueError(
-                f"{env.world_size} processes but only {len(shapes)} trainable parameter tensor(s) "
-                f"({', '.join(shapes)}): each rank owns whole tensors, so some would own nothing; "
-                "launch fewer processes or train more parameters"
-            )
         options = dict(denoiser_options or {})
         selected: set[str] = set()
         if denoiser_options is not None:
@@ -84,6 +80,13 @@ class ShardedPrivateStep(PrivateStep):
                 raise ValueError(f"no 2-D parameter matches the denoising patterns {options.get('include')}")
         self.denoising = bool(selected)
         self.owners = assign_owners({n: tuple(s) for n, s in shapes.items()}, selected, env.world_size)
+        self.idle_ranks = sorted(set(range(env.world_size)) - set(self.owners.values()))
+        if self.idle_ranks and env.is_main:
+            log.warning(
+                "%d processes but only %d trainable parameter tensor(s): each rank owns whole tensors, so ranks %s "
+                "own nothing (no noise or denoising work, only their share of the clipping)",
+                env.world_size, len(shapes), self.idle_ranks,
+            )
         self._buffers = {n: GradBuffer(shapes[n]) for n in sorted(selected) if self.owners[n] == env.rank}
         self.denoiser = GradientDenoiser(self._buffers, **options) if self._buffers else None
 

@@ -2,8 +2,11 @@
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,3 +47,42 @@ def command(kind: str, args: list[str], script: str = "launch/e2e.py") -> list[s
 
 def env() -> dict:
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+
+
+def start(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Start a launcher (or script) from the repository root, its output captured as text."""
+    kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
+    return subprocess.Popen(cmd, cwd=REPO, env=kwargs.pop("env", env()), text=True, start_new_session=True, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for ``proc``; past ``timeout`` (or if the test is interrupted) kill it with every process
+    it started. Killing the launcher alone would leave DeepSpeed's per-node launch process and the
+    workers running into the next test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(proc.args)}\n{(out or '')[-3000:]}{(err or '')[-3000:]}")
+    except BaseException:
+        _kill_tree(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return finish(start(cmd, **kwargs), timeout)

@@ -99,6 +99,16 @@ def exit_with_launcher(interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="dpllm-launcher-watch", daemon=True).start()
 
 
+def _skip_shared_memory_all_reduce() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce when it starts, which only its
+    inference kernels call. Training uses gloo, so skip it: the compile takes minutes on a fresh
+    machine (and a rank killed during it leaves a lock that blocks every later start), and each
+    run leaves 66 MiB per rank of buffers in /dev/shm that nothing removes."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(engine: str) -> DistEnv:
     """Join the process group the launcher describes (gloo on CPU, NCCL on GPUs); one process if none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,6 +123,8 @@ def init_distributed(engine: str) -> DistEnv:
         if engine == "deepspeed":
             import deepspeed
 
+            if not torch.cuda.is_available():
+                _skip_shared_memory_all_reduce()
             deepspeed.init_distributed(dist_backend=backend)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -2,21 +2,20 @@
 and measured (the numbers themselves are the benchmark's, not the test's)."""
 
 import json
-import subprocess
+import os
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.launchers import run
 
 
 @pytest.mark.slow
 def test_smoke_run_measures_each_world_size(tmp_path):
-    done = subprocess.run(
+    done = run(
         [sys.executable, "bench/memory.py", "--model", "smoke", "--engines", "fsdp", "--worlds", "1", "2",
          "--optims", "sgd", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results")],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        timeout=900, env=dict(os.environ),
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = json.loads((tmp_path / "results/results.json").read_text())["rows"]

@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 
 from dpllm.training.metrics import read_logs
 from tests.conftest import save_tiny_bert
-from tests.launchers import BIN, RECIPE, REPO, TINY, free_port, command, env
+from tests.launchers import BIN, RECIPE, REPO, TINY, command, env, finish, free_port, run, start
 
 
 def _launch(kind: str, out: Path, extra: list[str], recipe=("--recipe", RECIPE, *TINY), script="launch/e2e.py") -> dict:
     args = [*recipe, "max_steps=3", f"output_dir={out}", *extra]
-    done = subprocess.run(command(kind, args, script), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    done = run(command(kind, args, script))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = read_logs(out)
     return {"params": load_file(out / "final/model.safetensors"), "rows": rows, "summary": json.loads((out / "summary.json").read_text())}
@@ -28,9 +28,12 @@ def _launch(kind: str, out: Path, extra: list[str], recipe=("--recipe", RECIPE, 
 def test_two_processes_match_one(tmp_path, denoise):
     extra = ["denoise.enabled=true"] if denoise else []
     kinds = ("deepspeed", "zero3", "fsdp", "ddp")
+    shared_memory = set(Path("/dev/shm").glob("deepspeed*"))
     runs = {kind: _launch(kind, tmp_path / kind, extra) for kind in ("single", "zero3", "fsdp", "ddp")}
     # DeepSpeed with no --recipe (as in the README): the launcher defaults to the same tiny recipe
     runs["deepspeed"] = _launch("deepspeed", tmp_path / "deepspeed", extra, recipe=TINY)
+    # DeepSpeed's CPU shared-memory all-reduce (inference only) is neither compiled nor left behind
+    assert set(Path("/dev/shm").glob("deepspeed*")) <= shared_memory
     single = runs["single"]
     for kind in kinds:
         run = runs[kind]
@@ -166,18 +169,18 @@ def test_two_torchrun_nodes_match_one_process(tmp_path, lora):
     single = _launch("single", tmp_path / "single", lora)
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [
-        subprocess.Popen(
+        start(
             [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
              "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "dpllm-two-nodes",
              "launch/e2e.py", "--engine", "fsdp", "--recipe", RECIPE, *TINY, "max_steps=3", f"output_dir={tmp_path / 'nodes'}",
              *lora],
-            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stderr=subprocess.STDOUT,
         )
         for rank in (0, 1)
     ]
     for node in nodes:
-        out, _ = node.communicate(timeout=600)
-        assert node.returncode == 0, out[-3000:]
+        done = finish(node)
+        assert done.returncode == 0, done.stdout[-3000:]
     summary = json.loads((tmp_path / "nodes/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epsilon"] == single["summary"]["epsilon"]
     params = load_file(tmp_path / "nodes/final/model.safetensors")
@@ -198,7 +201,7 @@ def test_zero3_with_a_layer_without_a_per_sample_rule_is_refused_on_every_rank(t
     GemmaForCausalLM(config).save_pretrained(tmp_path / "gemma")
     tok.save_pretrained(tmp_path / "gemma")
     args = ["--recipe", RECIPE, *TINY, "max_steps=1", f"output_dir={tmp_path / 'out'}", f"model.name_or_path={tmp_path / 'gemma'}"]
-    done = subprocess.run(command("zero3", args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    done = run(command("zero3", args), timeout=300)
     assert done.returncode != 0
     assert done.stdout.count("GemmaRMSNorm") + done.stderr.count("GemmaRMSNorm") >= 2  # both ranks name it
     assert "have no per-sample gradient rule" in done.stdout + done.stderr

@@ -17,7 +17,7 @@ from dpllm.config import load_config
 from dpllm.privacy.accounting import compute_epsilon, epsilon_of_history
 from dpllm.training.trainer import train
 from tests.conftest import save_tiny_bert
-from tests.launchers import REPO, TINY, command, env
+from tests.launchers import REPO, TINY, command, env, run
 
 RECIPE = REPO / "recipes/e2e/tiny_cpu.yaml"
 COMMON = [*TINY, "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"]
@@ -29,7 +29,7 @@ def _command(kind: str, args: list[str]) -> list[str]:
 
 
 def _run(kind: str, args: list[str]) -> dict:
-    done = subprocess.run(_command(kind, COMMON + args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    done = run(_command(kind, COMMON + args))
     assert done.returncode == 0, done.stderr[-3000:]
     out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output_dir=")))
     return {"params": load_file(out / "final/model.safetensors"), "summary": json.loads((out / "summary.json").read_text())}
@@ -192,7 +192,7 @@ runpy.run_path("launch/e2e.py", run_name="__main__")
 def test_a_kill_during_a_checkpoint_write_leaves_only_complete_checkpoints(tmp_path):
     out = tmp_path / "killed"
     args = ["--recipe", str(RECIPE), *COMMON, "max_steps=9", "checkpoint_every=3", f"output_dir={out}"]
-    done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *args], cwd=REPO, env=env(), capture_output=True, text=True)
+    done = run([sys.executable, "-c", KILL_DURING_SAVE, *args])
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert (out / "checkpoints/step_6.partial").is_dir() and not (out / "checkpoints/step_6").exists()
     assert (out / "checkpoints/latest").read_text() == "step_3"

@@ -30,7 +30,6 @@ micro-batch, a broadcast, reduce-scatter or scatter of it once, and 7 scalars.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -44,7 +43,6 @@ from dpllm.distributed.ownership import assign_owners
 from dpllm.training.private_step import PrivateStep
 
 HANDOVERS = ("replicated", "deepspeed", "fsdp", "zero3")
-log = logging.getLogger("dpllm")
 
 
 class ShardedPrivateStep(PrivateStep):
@@ -80,12 +78,12 @@ class ShardedPrivateStep(PrivateStep):
                 raise ValueError(f"no 2-D parameter matches the denoising patterns {options.get('include')}")
         self.denoising = bool(selected)
         self.owners = assign_owners({n: tuple(s) for n, s in shapes.items()}, selected, env.world_size)
-        self.idle_ranks = sorted(set(range(env.world_size)) - set(self.owners.values()))
-        if self.idle_ranks and env.is_main:
-            log.warning(
-                "%d processes but only %d trainable parameter tensor(s): each rank owns whole tensors, so ranks %s "
-                "own nothing (no noise or denoising work, only their share of the clipping)",
-                env.world_size, len(shapes), self.idle_ranks,
+        idle = sorted(set(range(env.world_size)) - set(self.owners.values()))
+        if idle:
+            raise ValueError(
+                f"{env.world_size} processes but only {len(shapes)} trainable parameter tensor(s): each rank owns whole "
+                f"tensors (their noise and denoising), so ranks {idle} would own nothing; run at most {len(shapes)} "
+                "processes or train more tensors"
             )
         self._buffers = {n: GradBuffer(shapes[n]) for n in sorted(selected) if self.owners[n] == env.rank}
         self.denoiser = GradientDenoiser(self._buffers, **options) if self._buffers else None
@@ -182,8 +180,10 @@ class ShardedPrivateStep(PrivateStep):
         out = torch.empty(piece_shape, dtype=dtype, device=device)
         chunks = None
         if owner == self.env.rank:
-            padded = torch.zeros((piece_shape[0] * world, *piece_shape[1:]), dtype=full.dtype, device=full.device)
-            padded[: full.shape[0]] = full
+            padded = full.contiguous()
+            if full.shape[0] != piece_shape[0] * world:  # pad only when the pieces do not divide it
+                padded = torch.zeros((piece_shape[0] * world, *piece_shape[1:]), dtype=full.dtype, device=full.device)
+                padded[: full.shape[0]] = full
             chunks = list(padded.chunk(world))
         if self.env.distributed:
             dist.scatter(out, chunks, src=owner)

@@ -245,7 +245,7 @@ class PerSampleClipper:
             if contribs:
                 clipped = C.weighted_sum(contribs[0], factors, scaled)
                 for c in contribs[1:]:
-                    clipped.add_(C.weighted_sum(c, factors, scaled))
+                    C.weighted_sum(c, factors, scaled, out=clipped)
                 clipped = clipped.view(self.shapes[name])
             del contribs
             if self.grad_sink is not None:
@@ -281,7 +281,7 @@ class PerSampleClipper:
             diff = torch.zeros(p.shape, dtype=ones.dtype, device=ones.device) if ref is None else ref.to(ones.dtype).neg_()
             scale = diff.norm()
             for c in groups.get(self.names[p], []):
-                diff.add_(C.weighted_sum(c, ones).view(p.shape))
+                C.weighted_sum(c, ones, out=diff)
             if diff.norm() > rtol * scale.clamp_min(torch.finfo(diff.dtype).tiny) + 1e-6:
                 failed.append(self.names[p])
 

@@ -132,20 +132,27 @@ def inner(a: Contribution, b: Contribution, cache: dict | None = None) -> Tensor
     return (projected * outer.right).sum((1, 2))
 
 
-def weighted_sum(c: Contribution, weights: Tensor, scaled: dict | None = None) -> Tensor:
-    """sum_i weights[i] * c_i: the clipped sum for one contribution, parameter-shaped.
+def weighted_sum(c: Contribution, weights: Tensor, scaled: dict | None = None, out: Tensor | None = None) -> Tensor:
+    """sum_i weights[i] * c_i: the clipped sum for one contribution, parameter-shaped; added into
+    ``out`` (any contiguous tensor with as many elements) when given, with no full-size temporary.
 
     The smaller factor is scaled by the weights (the right one on a tie). ``scaled`` (a dict
     living for one clipped sum pass) keeps the last scaled right factor, so layers fed the same
     input (q/k/v, gate/up), whose sums are formed one after another, scale it once.
     """
     if isinstance(c, Dense):
-        return torch.tensordot(weights, c.value, dims=1)
+        values = c.value.reshape(c.value.shape[0], -1)
+        if out is None:
+            return torch.tensordot(weights, c.value, dims=1)
+        out.view(-1).addmv_(values.t(), weights.to(values.dtype))
+        return out
     m, n = c.shape
     w = weights.view(-1, 1, 1)
     if c.onehot_dim is not None:
-        out = torch.zeros(m, n, dtype=c.right.dtype, device=c.right.device)
-        return out.index_add_(0, c.left.reshape(-1), (c.right * w).reshape(-1, n))
+        if out is None:
+            out = torch.zeros(m, n, dtype=c.right.dtype, device=c.right.device)
+        out.view(m, n).index_add_(0, c.left.reshape(-1), (c.right * w).reshape(-1, n))
+        return out
     left, right = c.left, c.right
     last = scaled.get("source") if scaled is not None else None
     if last is not None and _view_key(last) == _view_key(right):
@@ -156,4 +163,7 @@ def weighted_sum(c: Contribution, weights: Tensor, scaled: dict | None = None) -
         right = right * w
         if scaled is not None:  # the source is held, so its memory cannot be reused by another tensor
             scaled.update(source=c.right, scaled=right)
-    return left.reshape(-1, m).t().mm(right.reshape(-1, n))
+    if out is None:
+        return left.reshape(-1, m).t().mm(right.reshape(-1, n))
+    out.view(m, n).addmm_(left.reshape(-1, m).t(), right.reshape(-1, n))
+    return out

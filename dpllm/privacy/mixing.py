@@ -48,17 +48,10 @@ def check_per_sample(model: nn.Module, per_sample_loss: Callable[[nn.Module, dic
     changed["input_ids"] = ids.clone()
     changed["input_ids"][-1, real] = (ids[-1, real] + 1) % model.get_input_embeddings().num_embeddings
     loss_a, calls_a = _trace(model, per_sample_loss, batch)
-    loss_b, calls_b = _trace(model, per_sample_loss, changed)
+    loss_b, verdicts = _trace(model, per_sample_loss, changed, against=calls_a)
     if _same(loss_a[:-1], loss_b[:-1]):
         return
-    culprit = next(
-        (
-            name
-            for (name, ins_a, out_a), (_, ins_b, out_b) in zip(calls_a, calls_b)
-            if all(_same(a, b) for a, b in zip(ins_a, ins_b)) and not _same(out_a, out_b)
-        ),
-        None,
-    )
+    culprit = next((name for name, inputs_same, output_same in verdicts if inputs_same and not output_same), None)
     where = f"module '{culprit}' ({type(model.get_submodule(culprit)).__name__})" if culprit else "a part of the model"
     raise UnsupportedModuleError(
         f"{where} mixes samples: changing one sample of a batch changed the loss of the others, so a per-sample "
@@ -66,8 +59,10 @@ def check_per_sample(model: nn.Module, per_sample_loss: Callable[[nn.Module, dic
     )
 
 
-def _trace(model: nn.Module, per_sample_loss, batch: dict) -> tuple[Tensor, list]:
-    """Per-sample losses, and each module call's batch-first inputs and output minus the last sample."""
+def _trace(model: nn.Module, per_sample_loss, batch: dict, against: list | None = None) -> tuple[Tensor, list]:
+    """Per-sample losses, and each module call's batch-first inputs and output minus the last
+    sample; or, ``against`` a first trace, whether each call's inputs and output are the same as
+    there (each recorded call dropped as it is compared, so the two traces are never both held)."""
     size = batch["input_ids"].shape[0]
     calls = []
 
@@ -77,7 +72,17 @@ def _trace(model: nn.Module, per_sample_loss, batch: dict) -> tuple[Tensor, list
     def record(name):
         def hook(module, args, kwargs, output):
             outputs = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else [output]
-            calls.append((name, rows([*args, *kwargs.values()]), rows(outputs)[:1]))
+            ins, out = rows([*args, *kwargs.values()]), rows(outputs)[:1]
+            if against is None:
+                calls.append((name, ins, out))
+                return
+            k = len(calls)
+            first = against[k] if k < len(against) else None
+            if first is None:  # a call the first pass did not make
+                calls.append((name, False, True))
+                return
+            against[k] = None
+            calls.append((name, all(_same(a, b) for a, b in zip(first[1], ins)), _same(first[2], out)))
 
         return hook
 

@@ -1,7 +1,7 @@
 """A white-box one-run audit of the private step the trainer runs (one process or several).
 
 Gradient canaries (Steinke, Nasr & Jagielski 2023, white box): canary j is a training example
-whose gradient is 2C along coordinate j of a (canaries x 1) embedding and zero elsewhere, so that
+whose gradient is 2C along coordinate j of embedding tables (canaries x 1 in all) and zero elsewhere, so that
 clipping cuts it to exactly C and no other example touches that coordinate. Each canary joins the
 dataset with probability 1/2; the step (clip, sum, reduce, noise, average, SGD) runs as in
 training; the auditor scores canary j by how far coordinate j moved, guesses "in" for the k
@@ -36,6 +36,7 @@ class CanaryAudit:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     micro_batch: int = 16_384
+    tables: int = 2  # the most processes it runs on: each owns whole tensors
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,32 @@ class AuditResult:
     lower_bound: float
 
 
+class CanaryTables(nn.Module):
+    """The canaries' coordinates, zero at the start, split over ``tables`` (rows x 1) embedding
+    tables so that several processes each own one: canary j is row j % rows of table j // rows.
+    Every table is looked up for every canary and masked, so the others get exactly zero."""
+
+    def __init__(self, canaries: int, tables: int):
+        super().__init__()
+        self.rows = -(-canaries // tables)
+        self.canaries = canaries
+        self.tables = nn.ModuleList(nn.Embedding(self.rows, 1) for _ in range(tables))
+        for table in self.tables:
+            nn.init.zeros_(table.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        which, row = ids // self.rows, ids % self.rows
+        return sum(table(row) * (which == t).unsqueeze(-1) for t, table in enumerate(self.tables))
+
+    def coordinates(self) -> torch.Tensor:
+        return torch.cat([t.weight.detach().flatten() for t in self.tables])[: self.canaries]
+
+
 def canary_scores(env: DistEnv, audit: CanaryAudit, inserted: torch.Tensor, noise_multiplier: float,
                   noise_divisor: float = 1.0, seed: int | None = None) -> tuple[torch.Tensor, float]:
     """Train on the inserted canaries through the private step; how far each canary's coordinate
     moved, and the accountant's epsilon."""
-    model = nn.Sequential(nn.Embedding(audit.canaries, 1))
-    nn.init.zeros_(model[0].weight)
+    model = CanaryTables(audit.canaries, audit.tables)
     members = torch.nonzero(inserted).flatten()
     C = audit.max_grad_norm
     common = dict(
@@ -72,7 +93,7 @@ def canary_scores(env: DistEnv, audit: CanaryAudit, inserted: torch.Tensor, nois
             ids = members[micro].unsqueeze(1)
             step.clip_and_accumulate(2 * C * model(ids).reshape(len(micro)))  # gradient 2C, clipped to C
         step.step()
-    return -model[0].weight.detach().flatten(), step.accountant.epsilon()
+    return -model.coordinates(), step.accountant.epsilon()
 
 
 def judge(audit: CanaryAudit, scores: torch.Tensor, inserted: torch.Tensor, accountant_epsilon: float) -> AuditResult:

@@ -212,10 +212,12 @@ class PerSampleClipper:
         self._acc_dtype = acc_dtype = torch.promote_types(self.parameters[0].dtype, torch.float32)
         device = per_sample_loss.device
         self._calls, self._collected, self._collecting = calls, {}, True
+        verify, failed = self._verify, []
         try:
-            torch.autograd.grad(
-                per_sample_loss[keep].sum(), [c.dummy for c in calls], allow_unused=True, retain_graph=self._verify
-            )
+            if verify:
+                failed = self._backward_against_autograd(per_sample_loss[keep].sum(), calls, keep.to(acc_dtype))
+            else:
+                torch.autograd.grad(per_sample_loss[keep].sum(), [c.dummy for c in calls], allow_unused=True)
         finally:
             self._collecting = False
             groups, self._collected, self._calls = self._collected, {}, []
@@ -234,9 +236,14 @@ class PerSampleClipper:
         if self.last_dropped:
             groups = {p: [C.zero_samples(c, keep) for c in cs] for p, cs in groups.items()}
 
-        if self._verify and not self.last_dropped:
+        if verify and not self.last_dropped:  # a dropped sample's NaN would fail any comparison: check the next time
             self._verify = False
-            self._check_against_autograd(per_sample_loss[keep].sum(), groups, keep.to(acc_dtype))
+            if failed:
+                raise UnsupportedModuleError(
+                    f"parameter '{failed[0]}' receives gradient from outside the modules the clipper "
+                    "hooks (it is used directly in a forward pass, or an input is modified in place); "
+                    "its per-sample gradient cannot be bounded"
+                )
 
         scaled: dict = {}
         for name in self.shapes:  # popping frees each layer's kept tensors as soon as its sum is formed
@@ -268,10 +275,12 @@ class PerSampleClipper:
             total = total + 2 * C.inner(a, b, cache)
         return total
 
-    def _check_against_autograd(self, loss: Tensor, groups, ones: Tensor) -> None:
-        """Autograd's batch gradient of every parameter against the unclipped sum rebuilt from the
-        hooks, compared as each gradient is accumulated and then dropped: the check holds one
-        parameter's gradient at a time, not a second copy of the model."""
+    def _backward_against_autograd(self, loss: Tensor, calls: list, ones: Tensor) -> list[str]:
+        """The backward pass that collects the contributions, also accumulating autograd's batch
+        gradient of every parameter; each gradient is compared, as it is accumulated, with the
+        unclipped sum rebuilt from its module's contributions (collected earlier in the same
+        pass), then dropped. One pass, one parameter's gradient at a time: no retained graph, no
+        second copy of the model. Returns the names of the parameters that do not match."""
         params = self.parameters
         rtol = {torch.float64: 1e-6, torch.float32: 1e-3}.get(params[0].dtype, 5e-2)
         failed: list[str] = []
@@ -280,7 +289,7 @@ class PerSampleClipper:
             # the difference built in place on autograd's gradient: one full-size tensor at a time
             diff = torch.zeros(p.shape, dtype=ones.dtype, device=ones.device) if ref is None else ref.to(ones.dtype).neg_()
             scale = diff.norm()
-            for c in groups.get(self.names[p], []):
+            for c in self._collected.get(self.names[p], []):
                 C.weighted_sum(c, ones, out=diff)
             if diff.norm() > rtol * scale.clamp_min(torch.finfo(diff.dtype).tiny) + 1e-6:
                 failed.append(self.names[p])
@@ -292,23 +301,20 @@ class PerSampleClipper:
 
         stashed = {p: p.grad for p in params}
         seen: set = set()
+        dummies = [c.dummy for c in calls]
         handles = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
         try:
             for p in params:
                 p.grad = None
-            used = [p for p in params if p.requires_grad]
-            loss.backward(inputs=used)
+            torch.autograd.backward(loss, inputs=dummies + [p for p in params if p.requires_grad])
         finally:
             for h in handles:
                 h.remove()
             for p, g in stashed.items():
                 p.grad = g
+            for d in dummies:
+                d.grad = None
         for p in params:
             if p not in seen:  # autograd gave it no gradient
                 compare(p, None)
-        if failed:
-            raise UnsupportedModuleError(
-                f"parameter '{failed[0]}' receives gradient from outside the modules the clipper "
-                "hooks (it is used directly in a forward pass, or an input is modified in place); "
-                "its per-sample gradient cannot be bounded"
-            )
+        return failed

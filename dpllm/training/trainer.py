@@ -141,7 +141,8 @@ def train(config: RunConfig) -> dict:
         probe = objective.collate(train_data[:2], pad_id)  # the probe keeps every module's activations: 2 rows suffice
         check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
         if config.engine != "single":  # before any engine wraps (or partitions) the model
-            _check_clipping(model, objective, train_data[:2], pad_id, p.max_grad_norm)
+            shortest = sorted(range(len(train_data)), key=lambda i: len(train_data[i]["input_ids"]))[:2]
+            _check_clipping(model, objective, [train_data[i] for i in shortest], pad_id, p.max_grad_norm)
     if p.enabled:
         if p.noise_seed is not None:
             log.warning(
@@ -353,13 +354,16 @@ def _finish(config, env, objective, model, tokenizer, metrics, header, eval_data
 
 def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float) -> None:
     """One clipped backward with the clipper's check against autograd, then nothing kept (the
-    clipped sums are dropped as formed, the check holds one parameter's gradient at a time)."""
+    clipped sums are dropped as formed, the check holds one parameter's gradient at a time).
+    Any two rows check the rules; the shortest two (given by the caller) need the least memory."""
     clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, verify_first_backward=True, grad_sink=lambda name, sum_: None)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in objective.collate(examples, pad_id).items()}
     clipper.backward(objective.per_sample_loss(model, batch))
     clipper.detach()
     model.zero_grad(set_to_none=True)
+    if clipper.last_dropped:  # the check is skipped for a batch with a non-finite sample
+        raise ValueError("the clipper's startup check could not run: a probe row's loss or gradient is not finite")
 
 
 def _sharded_step(config: RunConfig, env, model, optimizer, device, common: dict) -> ShardedPrivateStep:

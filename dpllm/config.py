@@ -24,6 +24,7 @@ from dpllm.tasks.glue import GLUE
 
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
+PRECISIONS = ("fp32", "bf16-mixed")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,8 @@ class ModelConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names not to train
+    # Hugging Face's activation checkpointing (non-reentrant): recompute each decoder layer in backward
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         _require(bool(self.name_or_path), "model.name_or_path", "is required")
@@ -183,6 +186,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     engine: str = "single"  # single | ddp (torchrun, replicated) | fsdp (torchrun, FSDP2) | deepspeed (ZeRO-1/2/3)
+    # fp32 | bf16-mixed: training forwards and backwards under bf16 autocast, weights and optimizer state fp32
+    precision: str = "fp32"
     deepspeed_config: str = ""  # a DeepSpeed JSON config (launch/e2e.py --config sets it)
     batch_size: int = 32  # expected logical batch size: sample rate q = batch_size / N
     micro_batch_size: int = 16  # at most this many examples per forward/backward
@@ -234,6 +239,13 @@ class RunConfig:
             "denoise.diagnostics",
             "needs the whole clipped gradient in one process: run it with engine single",
         )
+        _require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        if self.precision == "bf16-mixed":
+            _require(self.model.dtype == "float32", "precision", "bf16-mixed keeps fp32 weights: set model.dtype=float32")
+            _require(
+                self.engine in ("single", "fsdp"), "precision",
+                "bf16-mixed runs on engines single and fsdp; DeepSpeed's own bf16 config is ds_configs/zero3_bf16.json",
+            )
         if self.engine == "deepspeed":
             stage = self.zero_stage
             _require(stage in (1, 2, 3), "deepspeed_config", f"{self.deepspeed_config}: ZeRO stage {stage} is not supported; use 1, 2 or 3")

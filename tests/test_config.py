@@ -65,6 +65,7 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
         ("optim.momentum=-0.5", "optim.momentum: must be >= 0"),
         ("eval_batch_size=0", "eval_batch_size: must be > 0"),
         ("model.lora_alpha=0", "model.lora_alpha: must be > 0"),
+        ("precision=bf16", "precision: must be one of"),
     ],
 )
 def test_bad_config_names_the_key(override, match):
@@ -109,3 +110,12 @@ def test_engine_claims_of_the_readme_fail_before_anything_loads(tmp_path, overri
     overrides = [o.replace("ZERO0", str(zero0)) for o in overrides]
     with pytest.raises(ConfigError, match=key):  # load_config reads no model or data
         load_config(REPO / "recipes/e2e/tiny_cpu.yaml", overrides)
+
+
+def test_bf16_mixed_needs_fp32_weights_and_an_engine_that_runs_it():
+    recipe = REPO / "recipes/e2e/tiny_cpu.yaml"
+    assert load_config(recipe, ["precision=bf16-mixed"]).precision == "bf16-mixed"
+    with pytest.raises(ConfigError, match="precision: bf16-mixed keeps fp32 weights: set model.dtype=float32"):
+        load_config(recipe, ["precision=bf16-mixed", "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="precision: bf16-mixed runs on engines single and fsdp"):
+        load_config(recipe, ["precision=bf16-mixed", "engine=ddp"])

@@ -70,3 +70,15 @@ def test_a_model_built_on_meta_has_the_loaded_models_parameters_and_clipping_rul
     assert {n: (p.shape, p.requires_grad) for n, p in meta.named_parameters()} == shapes
     assert all(p.is_meta for p in meta.parameters())
     assert PerSampleClipper(meta, max_grad_norm=1.0).shapes == PerSampleClipper(real, max_grad_norm=1.0).shapes
+
+
+def test_activation_checkpointing_is_switched_on_or_refused_naming_the_key(monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    path = str(REPO / "assets/models/stories260K")
+    model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=path, gradient_checkpointing=True))
+    assert model.is_gradient_checkpointing
+    assert not load_model_and_tokenizer(ModelConfig(name_or_path=path))[0].is_gradient_checkpointing
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    with pytest.raises(ValueError, match=r"model.gradient_checkpointing=true: LlamaForCausalLM does not support"):
+        load_model_and_tokenizer(ModelConfig(name_or_path=path, gradient_checkpointing=True))

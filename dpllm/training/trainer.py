@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -115,6 +116,8 @@ def train(config: RunConfig) -> dict:
     if config.engine == "single" and env.distributed:
         raise ValueError(f"{env.world_size} processes were launched but engine is 'single'; pick ddp or deepspeed")
     device = env.device()
+    if config.precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("precision=bf16-mixed: this GPU has no bf16 support; use precision=fp32")
     objective = objective_for(config.data.task)
     partitioned = config.partitions_parameters  # FSDP2 or ZeRO-3: forwards and saving need every rank
     # Partitioned engines: rank 0 loads, the others build on the meta device, then each keeps its part
@@ -139,10 +142,11 @@ def train(config: RunConfig) -> dict:
     root = env.broadcast_int(p.noise_seed if p.noise_seed is not None else secret_seed())
     if p.enabled and env.is_main:  # on the whole model (rank 0's, before sharding)
         probe = objective.collate(train_data[:2], pad_id)  # the probe keeps every module's activations: 2 rows suffice
-        check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
+        with _autocast(config, device):  # the checks run the forward that training runs
+            check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
         if config.engine != "single":  # before any engine wraps (or partitions) the model
             shortest = sorted(range(len(train_data)), key=lambda i: len(train_data[i]["input_ids"]))[:2]
-            _check_clipping(model, objective, [train_data[i] for i in shortest], pad_id, p.max_grad_norm)
+            _check_clipping(model, objective, [train_data[i] for i in shortest], pad_id, p.max_grad_norm, _autocast(config, device))
     if p.enabled:
         if p.noise_seed is not None:
             log.warning(
@@ -246,7 +250,8 @@ def train(config: RunConfig) -> dict:
             padding = k >= len(micros)
             examples = train_data[:1] if padding else [train_data[i] for i in micros[k]]
             batch = {key: v.to(device) for key, v in objective.collate(examples, pad_id).items()}
-            loss = objective.per_sample_loss(model, batch)
+            with _autocast(config, device):
+                loss = objective.per_sample_loss(model, batch)
             if padding:
                 stepper.accumulate_nothing(loss)
                 continue
@@ -352,14 +357,24 @@ def _finish(config, env, objective, model, tokenizer, metrics, header, eval_data
     return {"eval_loss_before": None, "eval_loss_after": None, **before, **after, "scores": final_scores}
 
 
-def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float) -> None:
+def _autocast(config: RunConfig, device: torch.device):
+    """bf16-mixed: forwards in bf16 autocast (their backwards follow); weights, optimizer state,
+    norms and clipped sums stay fp32."""
+    if config.precision != "bf16-mixed":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float, autocast) -> None:
     """One clipped backward with the clipper's check against autograd, then nothing kept (the
     clipped sums are dropped as formed, the check holds one parameter's gradient at a time).
     Any two rows check the rules; the shortest two (given by the caller) need the least memory."""
     clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, verify_first_backward=True, grad_sink=lambda name, sum_: None)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in objective.collate(examples, pad_id).items()}
-    clipper.backward(objective.per_sample_loss(model, batch))
+    with autocast:
+        loss = objective.per_sample_loss(model, batch)
+    clipper.backward(loss)
     clipper.detach()
     model.zero_grad(set_to_none=True)
     if clipper.last_dropped:  # the check is skipped for a batch with a non-finite sample

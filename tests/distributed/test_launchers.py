@@ -89,6 +89,27 @@ def test_unequal_and_empty_rank_shares_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_activation_checkpointing_gives_the_same_model_on_every_engine(tmp_path):
+    """model.gradient_checkpointing=true (decoder layers recomputed in backward, parameters
+    gathered again by FSDP2 and ZeRO-3 for it) trains, on one process and on two under every
+    engine, the model that one process trains without it."""
+    plain = _launch("single", tmp_path / "plain", [])
+    for kind in ("single", "fsdp", "zero3", "deepspeed", "ddp"):
+        run = _launch(kind, tmp_path / kind, ["model.gradient_checkpointing=true"])
+        for name, value in plain["params"].items():
+            torch.testing.assert_close(run["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")
+
+
+@pytest.mark.slow
+def test_bf16_mixed_on_two_fsdp_processes_matches_one_process(tmp_path):
+    """precision=bf16-mixed: the same bf16 forwards per example on every rank, fp32 sums and weights."""
+    runs = {kind: _launch(kind, tmp_path / kind, ["precision=bf16-mixed"]) for kind in ("single", "fsdp")}
+    for name, value in runs["single"]["params"].items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(runs["fsdp"]["params"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("denoise", [False, True], ids=["plain", "denoised"])
 def test_lora_on_two_processes_matches_one(tmp_path, denoise):
     """LoRA under FSDP2, ZeRO-3 and ZeRO-2: the merged final/ and final/adapter/ equal one process's.

@@ -16,8 +16,8 @@ warnings.filterwarnings("ignore", message=".*batching rule.*")
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
 
-def assert_matches(model, batch, max_grad_norm, dtype, strategy="auto"):
-    ref_norms, ref_clipped = clipped_reference(model, batch, max_grad_norm)
+def assert_matches(model, batch, max_grad_norm, dtype, strategy="auto", reference=None):
+    ref_norms, ref_clipped = reference or clipped_reference(model, batch, max_grad_norm)
     clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy)
     model.zero_grad(set_to_none=True)
     norms = clipper.backward(forward_per_sample_loss(model, batch))
@@ -113,6 +113,44 @@ def test_lora_matches_torch_func(family):
     assert trainable and all("lora_" in n for n in trainable)
     batch = tiny_batch()
     assert_matches(model, batch, _median_norm(model, batch), torch.float64)
+
+
+@pytest.mark.parametrize("family,tied,lora", [("llama", True, False), ("llama", False, False), ("qwen2", True, False),
+                                               ("qwen2", False, False), ("llama", True, True)])
+def test_exact_under_activation_checkpointing(family, tied, lora, monkeypatch):
+    """Hugging Face's non-reentrant checkpointing recomputes each decoder layer in backward: the
+    clipper records none of the recomputed forwards (that would keep what checkpointing frees) and
+    its norms and sums still match torch.func's."""
+    from peft import LoraConfig, get_peft_model
+
+    recorded_in_backward = []
+    record = PerSampleClipper._record
+
+    def spy(self, module, inputs, output):
+        tapped = record(self, module, inputs, output)
+        if self._collecting and tapped is not None:
+            recorded_in_backward.append(module)
+        return tapped
+
+    monkeypatch.setattr(PerSampleClipper, "_record", spy)
+
+    model = tiny_model(family, tied=tied, bias=family == "qwen2", dtype=torch.float64)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    batch = tiny_batch()
+    C = _median_norm(model, batch)
+    reference = clipped_reference(model, batch, C)  # torch.func, without checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls = []
+    model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop early
+    assert_matches(model, batch, C, torch.float64, reference=reference)
+    assert len(calls) == 2  # the layer ran again in backward: checkpointing was on
+    assert recorded_in_backward == []
 
 
 def test_padding_and_masked_positions_contribute_nothing():

@@ -29,8 +29,8 @@ def _examples() -> list[dict]:
     return out
 
 
-def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The clipped sums each owner holds before the noise."""
+def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None, device: str = "cpu", autocast: bool = False) -> dict[str, torch.Tensor]:
+    """The clipped sums each owner holds before the noise (``autocast``: fp32 weights, bf16 forwards)."""
     model = tiny_model("llama", dtype=dtype, seed=0).to(device)
     step = ShardedPrivateStep(
         model, torch.optim.SGD(model.parameters(), lr=0.1), env=env, max_grad_norm=C,
@@ -41,7 +41,9 @@ def _pre_noise_sums(env, dtype: torch.dtype, removed: int | None, device: str = 
     mine = rank_share([i for i in range(N) if i != removed], env.rank, env.world_size)
     for micro in micro_batches(mine, 16):
         batch = {k: v.to(device) for k, v in collate([data[i] for i in micro], 0).items()}
-        step.clip_and_accumulate(forward_per_sample_loss(model, batch))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = forward_per_sample_loss(model, batch)
+        step.clip_and_accumulate(loss)
     return {name: g.cpu().clone() for name, g in step._complete_sums().items()}  # owners' sums, reduced per micro-batch
 
 
@@ -68,4 +70,10 @@ def test_one_example_moves_the_pre_noise_sum_by_at_most_c_on_one_process(dtype, 
 @pytest.mark.slow
 def test_one_example_moves_the_pre_noise_sum_by_at_most_c_on_two_processes():
     distance = _distance(2, torch.bfloat16)
+    assert 0.5 * C < distance <= C * (1 + 1e-5)
+
+
+def test_under_bf16_autocast_one_example_moves_the_pre_noise_sum_by_at_most_c():
+    full, without = (_pre_noise_sums(DistEnv(), torch.float32, r, autocast=True) for r in (None, REMOVED))
+    distance = sum(float((full[k].double() - without[k].double()).pow(2).sum()) for k in full) ** 0.5
     assert 0.5 * C < distance <= C * (1 + 1e-5)

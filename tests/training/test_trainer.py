@@ -135,6 +135,23 @@ def test_training_reduces_eval_loss_on_real_pretrained_model(tmp_path):
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
 
 
+@pytest.mark.slow
+def test_bf16_mixed_learns_like_fp32_and_keeps_fp32_weights(tmp_path):
+    """20 steps of the embedded pretrained Llama under bf16 autocast: the eval loss within 2% of
+    the fp32 run's (same sample and noise), and the weights checkpointed and saved in fp32."""
+    from safetensors.torch import load_file
+
+    common = ["max_steps=20", "optim.lr=0.002", "data.max_train_examples=1000", "batch_size=32", "micro_batch_size=16",
+              "privacy.noise_seed=5", "checkpoint_every=20"]
+    _, fp32 = run(tmp_path / "fp32", REPO / "assets/models/stories260K", *common)
+    _, mixed = run(tmp_path / "mixed", REPO / "assets/models/stories260K", *common, "precision=bf16-mixed")
+    assert mixed["eval_loss_after"] < mixed["eval_loss_before"] - 0.5  # it learned
+    assert abs(mixed["eval_loss_after"] - fp32["eval_loss_after"]) <= 0.02 * fp32["eval_loss_after"]
+    for folder in ("checkpoints/step_20/model", "final"):
+        weights = load_file(tmp_path / "mixed" / folder / "model.safetensors")
+        assert weights and all(w.dtype == torch.float32 for w in weights.values())
+
+
 def test_lora_run(tmp_path, local_models):
     """Only the adapted matrices move, each by a rank-4 update, and final/ is the merged model (no peft needed)."""
     config, summary = run(tmp_path, local_models["llama"], "model.lora_rank=4")

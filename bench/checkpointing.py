@@ -43,7 +43,7 @@ def measure(size: str, length: int, batch: int, checkpointing: bool) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SIZES[size])).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(1, model.config.vocab_size, (length,), generator=g).tolist() for _ in range(batch)]
     inputs = collate([{"input_ids": r, "labels": r} for r in rows], pad_id=0)

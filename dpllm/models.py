@@ -63,7 +63,7 @@ def load_model_and_tokenizer(config: ModelConfig, num_labels: int | None = None,
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"model.gradient_checkpointing=true: {type(model).__name__} does not support activation checkpointing")
         # non-reentrant: backward sees the clipper's hooks as without it, and no input needs to require grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 

@@ -77,8 +77,8 @@ def test_activation_checkpointing_is_switched_on_or_refused_naming_the_key(monke
 
     path = str(REPO / "assets/models/stories260K")
     model, _ = load_model_and_tokenizer(ModelConfig(name_or_path=path, gradient_checkpointing=True))
-    assert model.is_gradient_checkpointing
-    assert not load_model_and_tokenizer(ModelConfig(name_or_path=path))[0].is_gradient_checkpointing
+    assert model.is_activation_checkpointing
+    assert not load_model_and_tokenizer(ModelConfig(name_or_path=path))[0].is_activation_checkpointing
     monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
     with pytest.raises(ValueError, match=r"model.gradient_checkpointing=true: LlamaForCausalLM does not support"):
         load_model_and_tokenizer(ModelConfig(name_or_path=path, gradient_checkpointing=True))

@@ -144,7 +144,7 @@ def test_exact_under_activation_checkpointing(family, tied, lora, monkeypatch):
     batch = tiny_batch()
     C = _median_norm(model, batch)
     reference = clipped_reference(model, batch, C)  # torch.func, without checkpointing
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     calls = []
     model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop early

@@ -16,7 +16,7 @@ A checkpoint is as secret as the training data: its seeds replay the run's noise
 its rows hold non-private statistics. Publish ``final/`` (and the publishable logs), never
 ``checkpoints/``.
 
-Every rank writes into ``step_{N}.partial``; after a barrier rank 0 renames it to ``step_{N}``
+Every rank writes into ``step_{N}.partial``; once all have written (a barrier), rank 0 renames it to ``step_{N}``
 (a rename is atomic) and then rewrites ``latest`` by rename too. A run killed at any moment
 leaves either the previous complete checkpoint or the new one, never a half-written one that
 ``resume`` would pick.
@@ -113,6 +113,7 @@ def save(
 
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "sharded", no_dist=not env.distributed)
+    env.barrier()  # every rank's files are in before rank 0 declares the folder complete
     if env.is_main:
         if not partitioned:
             model.save_pretrained(tmp / "model")

@@ -200,3 +200,50 @@ def test_a_kill_during_a_checkpoint_write_leaves_only_complete_checkpoints(tmp_p
     resumed = _run("single", ["max_steps=6", "seed=11", "privacy.noise_seed=11", f"resume={out}", f"output_dir={out}"])  # step_3
     for name, value in straight["params"].items():
         torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=0)
+
+
+def test_a_checkpoint_is_declared_complete_only_after_every_rank_has_written(tmp_path):
+    """Two ranks as threads: rank 1 writes its optimizer partition late. The folder must not be
+    renamed to ``step_N`` (and named in ``latest``) before that file is in it, or a kill at that
+    moment leaves a "complete" checkpoint that lacks a rank's partition."""
+    import threading
+    from types import SimpleNamespace
+
+    from dpllm.training import checkpoint
+
+    barrier = threading.Barrier(2, timeout=20)
+
+    class SlowOptimizer:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def state_dict(self):
+            if self.rank == 1:
+                time.sleep(0.5)
+            return {"rank": self.rank}
+
+    saver = SimpleNamespace(save_pretrained=lambda folder: Path(folder).mkdir(parents=True, exist_ok=True))
+    context = checkpoint.PrivacyContext(True, 10, 1e-5, "pld", "0" * 64)
+    errors = []
+
+    def rank(r):
+        env = SimpleNamespace(rank=r, world_size=2, is_main=r == 0, distributed=True, barrier=barrier.wait)
+        try:
+            checkpoint.save(
+                tmp_path, 3, env=env, engine="deepspeed", model=saver, tokenizer=saver, optimizer=SlowOptimizer(r),
+                accountant=SimpleNamespace(state_dict=lambda: {}), sampler=SimpleNamespace(secure=True),
+                noise=None, rows=[], privacy=context,
+            )
+        except Exception as error:  # noqa: BLE001 - the assertion below names it
+            errors.append(repr(error))
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    final = checkpoint.resolve(tmp_path)
+    assert final.name == "step_3"
+    assert torch.load(final / "optim_rank1.pt") == {"rank": 1}

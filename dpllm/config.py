@@ -25,6 +25,10 @@ from dpllm.tasks.glue import GLUE
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 PRECISIONS = ("fp32", "bf16-mixed")
+CLIPPING_MODES = ("auto", "book_keeping", "two_pass")
+# two_pass's second backward reuses the first's graph; FSDP2 and ZeRO free the gathered weights it
+# saved as they reshard or partition after the first
+TWO_PASS_ENGINES = ("single", "ddp")
 
 
 class ConfigError(ValueError):
@@ -97,6 +101,11 @@ class PrivacyConfig:
     delta: float | None = None  # default 1 / (2 N)
     max_grad_norm: float = 1.0
     accountant: str = "pld"
+    # auto | book_keeping (one backward, each layer's per-sample factors kept to its end) |
+    # two_pass (norms formed and dropped per layer, then a second backward forms the sums; what
+    # activation checkpointing needs). auto: two_pass with model.gradient_checkpointing where the
+    # engine allows it, else book_keeping
+    clipping: str = "auto"
     # The noise streams and the Poisson sampler are seeded from os.urandom unless noise_seed is
     # given; the epsilon then assumes that number stays secret. It is never written to a
     # published file. secure_mode also keeps the seeds out of checkpoints.
@@ -124,6 +133,7 @@ class PrivacyConfig:
         _require(self.delta is None or 0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
         _require(self.accountant in ("pld", "rdp"), "privacy.accountant", "must be 'pld' or 'rdp'")
+        _require(self.clipping in CLIPPING_MODES, "privacy.clipping", f"must be one of {CLIPPING_MODES}")
         _require(
             not (self.secure_mode and self.noise_seed is not None),
             "privacy.noise_seed",
@@ -208,6 +218,13 @@ class RunConfig:
         return _zero_stage(self.deepspeed_config) if self.engine == "deepspeed" else 0
 
     @property
+    def clipping_mode(self) -> str:
+        """The clipper's mode ``privacy.clipping`` resolves to for this model and engine."""
+        if self.privacy.clipping != "auto":
+            return self.privacy.clipping
+        return "two_pass" if self.model.gradient_checkpointing and self.engine in TWO_PASS_ENGINES else "book_keeping"
+
+    @property
     def partitions_parameters(self) -> bool:
         """FSDP2 and ZeRO-3 keep each parameter in pieces across ranks: every forward needs them all."""
         return self.engine == "fsdp" or self.zero_stage == 3
@@ -238,6 +255,12 @@ class RunConfig:
             not self.denoise.diagnostics or self.engine == "single",
             "denoise.diagnostics",
             "needs the whole clipped gradient in one process: run it with engine single",
+        )
+        _require(
+            not self.privacy.enabled or self.privacy.clipping != "two_pass" or self.engine in TWO_PASS_ENGINES,
+            "privacy.clipping",
+            f"two_pass runs on engines {', '.join(TWO_PASS_ENGINES)} (its second backward reuses the graph, whose gathered "
+            f"weights {self.engine} frees after the first); use book_keeping or auto",
         )
         _require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         if self.precision == "bf16-mixed":

@@ -119,3 +119,16 @@ def test_bf16_mixed_needs_fp32_weights_and_an_engine_that_runs_it():
         load_config(recipe, ["precision=bf16-mixed", "model.dtype=bfloat16"])
     with pytest.raises(ConfigError, match="precision: bf16-mixed runs on engines single and fsdp"):
         load_config(recipe, ["precision=bf16-mixed", "engine=ddp"])
+
+
+def test_clipping_mode_resolves_from_checkpointing_and_engine_and_is_refused_where_it_cannot_be_exact():
+    recipe = REPO / "recipes/e2e/tiny_cpu.yaml"
+    assert load_config(recipe, []).clipping_mode == "book_keeping"
+    assert load_config(recipe, ["model.gradient_checkpointing=true"]).clipping_mode == "two_pass"
+    assert load_config(recipe, ["model.gradient_checkpointing=true", "engine=fsdp"]).clipping_mode == "book_keeping"
+    assert load_config(recipe, ["privacy.clipping=two_pass", "engine=ddp"]).clipping_mode == "two_pass"
+    for engine in (["engine=fsdp"], ["engine=deepspeed", f"deepspeed_config={REPO / 'ds_configs/zero2.json'}"]):
+        with pytest.raises(ConfigError, match="privacy.clipping: two_pass runs on engines single, ddp"):
+            load_config(recipe, ["privacy.clipping=two_pass", *engine])
+    with pytest.raises(ConfigError, match="privacy.clipping: must be one of"):
+        load_config(recipe, ["privacy.clipping=ghost"])

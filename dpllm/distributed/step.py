@@ -65,7 +65,7 @@ class ShardedPrivateStep(PrivateStep):
             raise ValueError("denoise.diagnostics needs the whole clipped gradient in one process: run it single-process")
         # The check against autograd accumulates gradients, which would fire the engines' own
         # gradient hooks: the trainer runs it on rank 0's model before the engine wraps it.
-        kwargs["clipper_options"] = {"verify_first_backward": False}
+        kwargs["clipper_options"] = {**(kwargs.get("clipper_options") or {}), "verify_first_backward": False}
         super().__init__(model, optimizer, denoiser_options=None, **kwargs)
         self.env, self.handover = env, handover
         shapes = self.clipper.shapes

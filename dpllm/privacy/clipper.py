@@ -1,14 +1,22 @@
-"""Per-sample gradient clipping in one backward pass (book-keeping with ghost norms).
+"""Per-sample gradient clipping: book-keeping (one backward) or two passes.
 
-Forward hooks keep each supported layer's input and put a tap (an identity autograd node) on
-its output. ``backward`` asks autograd only for the gradients of small dummy tensors attached
-to the taps, so autograd walks the whole graph but never builds the (unclipped) parameter
-gradients. As the gradient of each layer's output reaches its tap, the layer's rule turns it
-into per-sample contributions (ghost factors, or the per-sample gradient itself when that is
-cheaper; the layer's output gradient is then released). Squared norms are added per sample
-(for a parameter used by several layers, such as tied embeddings, the norm of the *sum*,
-cross terms included), giving clip factors ``min(1, C / ||g_i||)``; the clipped sum is then
-formed from the kept tensors and added to ``p.grad``.
+Forward hooks put a tap (an identity autograd node) on each supported layer's output, which
+saves the layer's input as autograd saves any tensor: under activation checkpointing it is
+freed after the forward and recomputed in backward like the layer's own activations. The
+clipper asks autograd only for the gradients of small dummy tensors attached to the taps, so
+autograd walks the whole graph but never builds the (unclipped) parameter gradients. As the
+gradient of each layer's output reaches its tap, the layer's rule turns it and the input into
+per-sample contributions (ghost factors, or the per-sample gradient itself when that is
+cheaper). Squared norms are added per sample (for a parameter used by several layers, such as
+tied embeddings, the norm of the *sum*, cross terms included), giving clip factors
+``min(1, C / ||g_i||)``.
+
+``book_keeping`` keeps every layer's contributions until the end of that backward, then forms
+the clipped sums from them. ``two_pass`` reduces each layer's contributions to per-sample
+squared norms as they arrive and drops them; a second backward over the retained graph (which
+checkpointing recomputes again) forms each layer's clipped sum at its tap and hands it on at
+once. It costs a second backward and keeps at most one layer's contributions (plus those of a
+parameter used by several layers, until its last use), which is what checkpointing needs.
 """
 
 from __future__ import annotations
@@ -26,36 +34,40 @@ from dpllm.privacy.mixing import refuse_sample_mixing
 from dpllm.privacy.rules import UnsupportedModuleError, find_rule
 
 STRATEGIES = ("auto", "ghost", "direct")
+MODES = ("book_keeping", "two_pass")
 
 
 @dataclass
 class _Call:
     module: nn.Module
-    input: Tensor | None
     batch_size: int
     dummy: Tensor  # the leaf autograd is asked to differentiate
     low_precision: bool  # run in bf16/fp16 (its own dtype or autocast): autograd's gradient is rounded there
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on the output; hands the output gradient to the clipper on its way through."""
+    """Identity on the output; saves the layer's input (so checkpointing frees and recomputes it)
+    and hands both with the output gradient to the clipper on its way through."""
 
     @staticmethod
-    def forward(ctx, output, dummy, clipper, call_index):
+    def forward(ctx, output, dummy, layer_input, clipper, call_index):
+        ctx.save_for_backward(layer_input)
         ctx.clipper, ctx.call_index = clipper, call_index
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.clipper._receive(ctx.call_index, grad)
-        return grad, grad.new_zeros(()), None, None
+        (layer_input,) = ctx.saved_tensors
+        ctx.clipper._receive(ctx.call_index, layer_input, grad)
+        return grad, grad.new_zeros(()), None, None, None
 
 
 class PerSampleClipper:
     """Clips per-sample gradients of every trainable parameter of ``model`` to ``max_grad_norm``.
 
     ``strategy``: "auto" picks ghost norms or direct per-sample gradients per layer (whichever
-    is cheaper), "ghost" and "direct" force one. ``verify_first_backward`` compares, once, the
+    is cheaper), "ghost" and "direct" force one. ``mode``: "book_keeping" (one backward) or
+    "two_pass" (a second backward; see the module docstring). ``verify_first_backward`` compares, once, the
     unclipped sum rebuilt from the hooks with autograd's own batch gradient; a mismatch means a
     parameter is used outside the module that owns it, and raises rather than under-clipping.
     """
@@ -65,6 +77,7 @@ class PerSampleClipper:
         model: nn.Module,
         max_grad_norm: float,
         strategy: str = "auto",
+        mode: str = "book_keeping",
         verify_first_backward: bool = True,
         grad_sink: Callable[[str, Tensor | None], None] | None = None,
     ) -> None:
@@ -78,12 +91,16 @@ class PerSampleClipper:
             raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.max_grad_norm = float(max_grad_norm)
         self.strategy = strategy
+        self.mode = mode
         self._verify = verify_first_backward
         self._calls: list[_Call] = []
         self._collected: dict[str, list[C.Contribution]] = {}
         self._collecting = False
+        self._stream: _Stream | None = None  # two_pass: what each pass reduces the contributions to
         self._acc_dtype = torch.float32
         self._rules = {}
         self.parameters: list[nn.Parameter] = []
@@ -125,32 +142,41 @@ class PerSampleClipper:
             raise ValueError("the model has no trainable parameters")
 
     def _record(self, module: nn.Module, inputs, output):
-        # A forward inside the clipper's backward is activation checkpointing's recompute: recording
-        # it would keep the inputs that checkpointing frees (the first forward's calls are the ones used)
-        if not torch.is_grad_enabled() or self._collecting:
+        if not torch.is_grad_enabled():
             return None
         if not isinstance(output, Tensor):
             raise UnsupportedModuleError(f"{type(module).__name__} returned {type(output).__name__}; rules need a tensor output")
         if not output.requires_grad:
             return None
         dummy = torch.zeros((), device=output.device, requires_grad=True)
-        tapped = _Tap.apply(output, dummy, self, len(self._calls))
+        if self._collecting:
+            # activation checkpointing's recompute, inside the clipper's backward: the first
+            # forward's calls are the ones used; this tap only saves the input again, where the
+            # recompute hands it to the first forward's tap
+            return _Tap.apply(output, dummy, inputs[0].detach(), self, -1)
+        tapped = _Tap.apply(output, dummy, inputs[0].detach(), self, len(self._calls))
         low = output.dtype in (torch.bfloat16, torch.float16)
-        self._calls.append(_Call(module, inputs[0].detach(), output.shape[0], dummy, low))
+        self._calls.append(_Call(module, output.shape[0], dummy, low))
         return tapped
 
-    def _receive(self, index: int, grad: Tensor) -> None:
-        """Called from the backward pass with the gradient of call ``index``'s output."""
-        if not self._collecting:
+    def _receive(self, index: int, layer_input: Tensor, grad: Tensor) -> None:
+        """Called from the backward pass with call ``index``'s input and output gradient."""
+        if not self._collecting or index < 0:
             return
         call = self._calls[index]
         acc = self._acc_dtype
-        x = call.input.to(acc) if call.input.is_floating_point() else call.input
+        x = layer_input.to(acc) if layer_input.is_floating_point() else layer_input
         for p, contribution in self._rules[call.module](call.module, x, grad.to(acc)):
+            name = self._name_of(call.module, p)
+            if self._stream is not None and self._stream.sums:  # the second pass sums, it never materialises
+                self._stream.add(name, contribution)
+                continue
             if isinstance(contribution, C.Outer) and self._direct(contribution):
                 contribution = C.materialize(contribution)
-            self._collected.setdefault(self._name_of(call.module, p), []).append(contribution)
-        call.input = None  # contributions keep what they need; the rest can be freed now
+            if self._stream is not None:
+                self._stream.add(name, contribution)
+            else:
+                self._collected.setdefault(name, []).append(contribution)
 
     def _name_of(self, module: nn.Module, p: Tensor) -> str:
         """The registered name of the parameter a rule returned; sharding engines may have swapped
@@ -215,28 +241,41 @@ class PerSampleClipper:
         keep = torch.isfinite(per_sample_loss.detach())
         self._acc_dtype = acc_dtype = torch.promote_types(self.parameters[0].dtype, torch.float32)
         device = per_sample_loss.device
-        self._calls, self._collected, self._collecting = calls, {}, True
         verify, failed = self._verify, []
+        two_pass = self.mode == "two_pass" and not verify  # the one-time check runs in the one-pass form
+        loss = per_sample_loss[keep].sum()
+        dummies = [c.dummy for c in calls]
+        sq_norms = torch.zeros(bsz, dtype=acc_dtype, device=device)
+        if two_pass:
+            self._stream = _Stream(self._uses(calls), sq_norms)
+        self._calls, self._collected, self._collecting = calls, {}, True
         try:
             if verify:
-                failed = self._backward_against_autograd(per_sample_loss[keep].sum(), calls, keep.to(acc_dtype))
+                failed = self._backward_against_autograd(loss, calls, keep.to(acc_dtype))
             else:
-                torch.autograd.grad(per_sample_loss[keep].sum(), [c.dummy for c in calls], allow_unused=True)
+                torch.autograd.grad(loss, dummies, allow_unused=True, retain_graph=two_pass)
+            if two_pass:
+                self._stream.finish()
+        except BaseException:
+            self._stream = None
+            raise
         finally:
             self._collecting = False
             groups, self._collected, self._calls = self._collected, {}, []
 
-        sq_norms = torch.zeros(bsz, dtype=acc_dtype, device=device)
         gram_cache: dict = {}
         for contribs in groups.values():
             sq_norms += self._squared_norm(contribs, gram_cache)
         del gram_cache
-        keep &= torch.isfinite(sq_norms)
+        keep = keep & torch.isfinite(sq_norms)  # a new tensor: the first pass indexed the loss with the old one
         norms = sq_norms.clamp_min(0).sqrt()
         factors = torch.where(
             keep, (self.max_grad_norm / norms).clamp(max=1.0).nan_to_num(1.0), torch.zeros_like(norms)
         )
         self.last_dropped = int((~keep).sum())
+        if two_pass:
+            self._second_pass(loss, calls, factors, keep)
+            return torch.where(keep, norms, torch.full_like(norms, float("nan")))
         if self.last_dropped:
             groups = {p: [C.zero_samples(c, keep) for c in cs] for p, cs in groups.items()}
 
@@ -259,13 +298,42 @@ class PerSampleClipper:
                     C.weighted_sum(c, factors, scaled, out=clipped)
                 clipped = clipped.view(self.shapes[name])
             del contribs
-            if self.grad_sink is not None:
-                self.grad_sink(name, clipped)
-            elif clipped is not None:
-                p = self.by_name[name]
-                clipped = clipped.to(p.dtype)
-                p.grad = clipped if p.grad is None else p.grad.add_(clipped)
+            self._hand_on(name, clipped)
         return torch.where(keep, norms, torch.full_like(norms, float("nan")))
+
+    def _hand_on(self, name: str, clipped: Tensor | None) -> None:
+        """One parameter's clipped micro-batch sum to the sink, or added to ``p.grad``."""
+        if self.grad_sink is not None:
+            self.grad_sink(name, clipped)
+        elif clipped is not None:
+            p = self.by_name[name]
+            clipped = clipped.to(p.dtype)
+            p.grad = clipped if p.grad is None else p.grad.add_(clipped)
+
+    def _uses(self, calls: list[_Call]) -> dict[str, int]:
+        """How many recorded calls contribute to each parameter (2 for a tied embedding)."""
+        uses: dict[str, int] = {}
+        for call in calls:
+            for name in self._module_params[call.module].values():
+                uses[name] = uses.get(name, 0) + 1
+        return uses
+
+    def _second_pass(self, loss: Tensor, calls: list[_Call], factors: Tensor, keep: Tensor) -> None:
+        """two_pass: the same backward again; each layer's clipped sum is formed at its tap and
+        handed on once its parameter's last use is in (then freed). Parameters come out in the
+        order backward completes them, the same on every rank for the same model; those no
+        sample reached follow in the registered order."""
+        self._stream.start_sums(factors, keep if self.last_dropped else None, self.shapes, self._hand_on)
+        self._calls, self._collecting = calls, True
+        try:
+            torch.autograd.grad(loss, [c.dummy for c in calls], allow_unused=True)
+            self._stream.finish()
+        finally:
+            self._collecting, self._calls = False, []
+            stream, self._stream = self._stream, None
+        for name in self.shapes:
+            if name not in stream.done:
+                self._hand_on(name, None)
 
     def _direct(self, c: C.Outer) -> bool:
         if self.strategy == "auto":
@@ -324,3 +392,53 @@ class PerSampleClipper:
             if p not in seen:  # autograd gave it no gradient
                 compare(p, None)
         return failed
+
+
+class _Stream:
+    """two_pass: reduces each parameter's contributions as they arrive, once its last use is in.
+    First pass: per-sample squared norms (added into ``sq_norms``). Second pass: the clipped sum,
+    handed on at once."""
+
+    def __init__(self, uses: dict[str, int], sq_norms: Tensor) -> None:
+        self.uses, self.sq_norms = uses, sq_norms
+        self.pending: dict[str, int] = dict(uses)
+        self.kept: dict[str, list] = {}  # parameters whose other uses are still to come
+        self.gram_cache: dict = {}  # layers fed the same input (q/k/v) arrive one after another
+        self.sums = False
+        self.done: set[str] = set()
+
+    def start_sums(self, factors: Tensor, keep: Tensor | None, shapes: dict, hand_on) -> None:
+        """``keep``: the samples kept, when some were dropped (their rows are zeroed)."""
+        self.pending, self.kept, self.gram_cache, self.scaled = dict(self.uses), {}, {}, {}
+        self.factors, self.keep, self.shapes, self.hand_on, self.sums = factors, keep, shapes, hand_on, True
+
+    def add(self, name: str, c: C.Contribution) -> None:
+        if self.sums:
+            if self.keep is not None:
+                c = C.zero_samples(c, self.keep)
+            partial = self.kept.pop(name, None)
+            partial = C.weighted_sum(c, self.factors, self.scaled, out=partial)
+        else:
+            self.kept.setdefault(name, []).append(c)
+        left = self.pending.get(name, 1) - 1
+        self.pending[name] = left
+        if self.sums:
+            self.kept[name] = partial
+        if left <= 0:
+            self._reduce(name)
+
+    def _reduce(self, name: str) -> None:
+        value = self.kept.pop(name)
+        if self.sums:
+            self.done.add(name)
+            self.hand_on(name, value.view(self.shapes[name]))
+            return
+        if len(self.gram_cache) > 1:  # only the latest input's Gram can be shared by what follows
+            self.gram_cache.clear()
+        self.sq_norms += PerSampleClipper._squared_norm(value, self.gram_cache)
+
+    def finish(self) -> None:
+        """Parameters some of whose uses got no gradient: reduce what came."""
+        for name in list(self.kept):
+            self._reduce(name)
+        self.gram_cache = {}

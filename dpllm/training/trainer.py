@@ -165,7 +165,9 @@ def train(config: RunConfig) -> dict:
             denoise_every=config.denoise.every,
             denoise_start=config.denoise.start,
             diagnostics=config.denoise.diagnostics,
+            clipper_options={"mode": config.clipping_mode},
         )
+        log.info("per-sample clipping: %s (privacy.clipping=%s)", config.clipping_mode, p.clipping)
         if config.engine == "single":
             stepper = PrivateStep(model, optimizer, **common)
         else:
@@ -297,6 +299,7 @@ def train(config: RunConfig) -> dict:
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "accountant": p.accountant,
+        "clipping": config.clipping_mode if p.enabled else None,
         "world_size": env.world_size,
         "seed_secret": p.noise_seed is None,
         "resume_mismatch": resume_mismatch,

@@ -16,9 +16,10 @@ warnings.filterwarnings("ignore", message=".*batching rule.*")
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
 
-def assert_matches(model, batch, max_grad_norm, dtype, strategy="auto", reference=None):
+def assert_matches(model, batch, max_grad_norm, dtype, strategy="auto", reference=None, mode="book_keeping"):
     ref_norms, ref_clipped = reference or clipped_reference(model, batch, max_grad_norm)
-    clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy)
+    # two_pass: the first backward is the one-time check in the one-pass form; the test wants the second form
+    clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy, mode=mode, verify_first_backward=mode != "two_pass")
     model.zero_grad(set_to_none=True)
     norms = clipper.backward(forward_per_sample_loss(model, batch))
     clipper.detach()
@@ -42,10 +43,11 @@ def _median_norm(model, batch):
     "family,tied,bias",
     [("llama", True, False), ("llama", False, False), ("llama", False, True), ("qwen2", True, True), ("qwen2", False, True)],
 )
-def test_matches_torch_func(family, tied, bias, dtype):
+@pytest.mark.parametrize("mode", ["book_keeping", "two_pass"])
+def test_matches_torch_func(family, tied, bias, dtype, mode):
     model = tiny_model(family, tied=tied, bias=bias, dtype=dtype)
     batch = tiny_batch()
-    assert_matches(model, batch, _median_norm(model, batch), dtype)
+    assert_matches(model, batch, _median_norm(model, batch), dtype, mode=mode)
 
 
 @pytest.mark.parametrize("strategy", ["ghost", "direct"])
@@ -99,8 +101,9 @@ def test_tied_clipped_gradient_respects_bound():
     assert model.model.embed_tokens.weight.grad.norm().item() == pytest.approx(1e-3, rel=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["book_keeping", "two_pass"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_lora_matches_torch_func(family):
+def test_lora_matches_torch_func(family, mode):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_model(family, tied=True, dtype=torch.float64)
@@ -112,23 +115,25 @@ def test_lora_matches_torch_func(family):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     batch = tiny_batch()
-    assert_matches(model, batch, _median_norm(model, batch), torch.float64)
+    assert_matches(model, batch, _median_norm(model, batch), torch.float64, mode=mode)
 
 
+@pytest.mark.parametrize("mode", ["book_keeping", "two_pass"])
 @pytest.mark.parametrize("family,tied,lora", [("llama", True, False), ("llama", False, False), ("qwen2", True, False),
                                                ("qwen2", False, False), ("llama", True, True)])
-def test_exact_under_activation_checkpointing(family, tied, lora, monkeypatch):
-    """Hugging Face's non-reentrant checkpointing recomputes each decoder layer in backward: the
-    clipper records none of the recomputed forwards (that would keep what checkpointing frees) and
-    its norms and sums still match torch.func's."""
+def test_exact_under_activation_checkpointing(family, tied, lora, mode, monkeypatch):
+    """Hugging Face's non-reentrant checkpointing recomputes each decoder layer in backward (twice
+    in two_pass): the clipper records no call of the recomputed forwards (their taps only hand the
+    recomputed inputs to the first forward's) and its norms and sums still match torch.func's."""
     from peft import LoraConfig, get_peft_model
 
     recorded_in_backward = []
     record = PerSampleClipper._record
 
     def spy(self, module, inputs, output):
+        before = len(self._calls)
         tapped = record(self, module, inputs, output)
-        if self._collecting and tapped is not None:
+        if self._collecting and len(self._calls) != before:
             recorded_in_backward.append(module)
         return tapped
 
@@ -148,8 +153,8 @@ def test_exact_under_activation_checkpointing(family, tied, lora, monkeypatch):
     model.train()
     calls = []
     model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # recompute may stop early
-    assert_matches(model, batch, C, torch.float64, reference=reference)
-    assert len(calls) == 2  # the layer ran again in backward: checkpointing was on
+    assert_matches(model, batch, C, torch.float64, reference=reference, mode=mode)
+    assert len(calls) == {"book_keeping": 2, "two_pass": 3}[mode]  # the layer ran again in each backward: checkpointing was on
     assert recorded_in_backward == []
 
 
@@ -250,10 +255,11 @@ def test_bad_inputs():
         clipper.backward(torch.stack([loss, loss], 1))
 
 
-def test_non_finite_sample_is_dropped():
+@pytest.mark.parametrize("mode", ["book_keeping", "two_pass"])
+def test_non_finite_sample_is_dropped(mode):
     model = tiny_model("llama", dtype=torch.float64)
     batch = tiny_batch()
-    clipper = PerSampleClipper(model, max_grad_norm=1e9)
+    clipper = PerSampleClipper(model, max_grad_norm=1e9, mode=mode)
     loss = forward_per_sample_loss(model, batch)
     poisoned = torch.cat([loss[:1] * float("nan"), loss[1:]])
     norms = clipper.backward(poisoned)
@@ -267,10 +273,11 @@ def test_non_finite_sample_is_dropped():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_gradients_accumulate_across_micro_batches():
+@pytest.mark.parametrize("mode", ["book_keeping", "two_pass"])
+def test_gradients_accumulate_across_micro_batches(mode):
     model = tiny_model("llama", dtype=torch.float64)
     batch = tiny_batch()
-    clipper = PerSampleClipper(model, max_grad_norm=0.5)
+    clipper = PerSampleClipper(model, max_grad_norm=0.5, mode=mode)
     clipper.backward(forward_per_sample_loss(model, batch))
     whole = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)

@@ -402,7 +402,7 @@ class _Stream:
     def __init__(self, uses: dict[str, int], sq_norms: Tensor) -> None:
         self.uses, self.sq_norms = uses, sq_norms
         self.pending: dict[str, int] = dict(uses)
-        self.kept: dict[str, list] = {}  # parameters whose other uses are still to come
+        self.kept: dict = {}  # what came of the parameters whose other uses are still to come
         self.gram_cache: dict = {}  # layers fed the same input (q/k/v) arrive one after another
         self.sums = False
         self.done: set[str] = set()
@@ -416,15 +416,11 @@ class _Stream:
         if self.sums:
             if self.keep is not None:
                 c = C.zero_samples(c, self.keep)
-            partial = self.kept.pop(name, None)
-            partial = C.weighted_sum(c, self.factors, self.scaled, out=partial)
+            self.kept[name] = C.weighted_sum(c, self.factors, self.scaled, out=self.kept.get(name))
         else:
             self.kept.setdefault(name, []).append(c)
-        left = self.pending.get(name, 1) - 1
-        self.pending[name] = left
-        if self.sums:
-            self.kept[name] = partial
-        if left <= 0:
+        self.pending[name] = self.pending.get(name, 1) - 1
+        if self.pending[name] <= 0:
             self._reduce(name)
 
     def _reduce(self, name: str) -> None:

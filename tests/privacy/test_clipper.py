@@ -347,3 +347,22 @@ def test_a_finite_loss_with_a_non_finite_gradient_norm_is_dropped():
     kept = x[[0, 2]]
     expected = (kept / kept.norm(dim=1, keepdim=True).clamp_min(1.0)).sum(0)  # clip factors min(1, C/||x_i||)
     torch.testing.assert_close(layer.weight.grad[0], expected)
+
+
+@pytest.mark.parametrize("mode", ["book_keeping", "two_pass"])
+def test_two_pass_hands_each_sum_on_during_its_backward(mode):
+    """two_pass forms each parameter's clipped sum at its tap in the second backward (nothing
+    waits for the end of it), the tied embedding once its last use is in; book-keeping hands
+    every sum on after its backward. Either way each parameter arrives once per micro-batch."""
+    model = tiny_model("llama", tied=True, dtype=torch.float64)
+    seen = []
+    clipper = PerSampleClipper(
+        model, max_grad_norm=1.0, mode=mode, verify_first_backward=False,
+        grad_sink=lambda name, s: seen.append((name, torch._C._current_graph_task_id() >= 0)),
+    )
+    clipper.backward(forward_per_sample_loss(model, tiny_batch()))
+    names = [n for n, _ in seen]
+    assert sorted(names) == sorted(clipper.shapes)
+    assert all(inside == (mode == "two_pass") for _, inside in seen)
+    if mode == "two_pass":  # backward order: the head (tied to the embedding) first, but it is handed on last
+        assert names[-1] == "model.embed_tokens.weight"

@@ -2,6 +2,7 @@
 
     python bench/memory.py                        # SmolLM-135M's published config, random weights
     python bench/memory.py --model smollm-360m --worlds 1 2 --engines fsdp
+    python bench/memory.py --lengths 1024 --worlds 1 2 --engines fsdp   # the sequence-length axis
 
 Each run is the tiny E2E recipe (2 steps, expected batch 4 in micro-batches of 1, sequences of
 at most 64 tokens, fixed noise multiplier) launched as a user would (torchrun for FSDP2, the DeepSpeed launcher
@@ -17,6 +18,13 @@ memory is sampled every 10 ms.
 
 The formula printed at the end is the memory the implementation keeps per parameter per rank
 (fp32, AdamW), next to the training phase's measurement; it says what fits N devices of M GB.
+
+``--lengths`` measures the sequence-length axis instead: for each T, micro-batches of 2 sequences
+of T tokens (E2E rows whose references are repeated past T, cut at ``data.max_length=T``; the
+same fixed noise seed throughout), AdamW, with and without ``model.gradient_checkpointing``
+(``privacy.clipping=auto``: two_pass where the engine runs it). Printed per T and world size:
+model memory with and without, their ratio, and the largest difference between the two runs'
+final parameters.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ MODELS = {
                   num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=256),
 }
 TINY_MODEL = "assets/models/stories260K"
+TORCHRUN_ENGINES = ("fsdp", "ddp", "single")  # the others are ds_configs/ names
 RUN = [
     "data.max_train_examples=200", "data.max_eval_examples=4", "eval_batch_size=1", "data.max_length=64", "batch_size=4",
     "micro_batch_size=1", "max_steps=2", "eval_every=0", "generation.every=0", "generation.at_end=false",
@@ -127,15 +136,38 @@ def save_model(name: str, folder: Path) -> Path:
     return folder
 
 
-def launch(engine: str, world: int, model: Path, optim: str, out: Path, port: int) -> dict:
+def long_rows(folder: Path, length: int, tokenizer_folder: Path) -> Path:
+    """The embedded E2E training rows with each reference repeated until it is at least ``length`` tokens."""
+    import csv
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"train_T{length}.csv"
+    with open(REPO / "assets/data/e2e/train.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        ref = row["ref"]
+        while len(tok(ref)["input_ids"]) < length:
+            ref = f"{ref} {row['ref']}"
+        row["ref"] = ref
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["mr", "ref"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def launch(engine: str, world: int, model: Path, optim: str, out: Path, port: int, extra: tuple[str, ...] = ()) -> dict:
     """One run's peaks over its ranks, or ``{"error": ...}`` when it failed (say, killed for memory)."""
     bin_dir = Path(sys.executable).parent
     args = ["--recipe", "recipes/e2e/tiny_cpu.yaml", *RUN, f"model.name_or_path={model}", f"optim.name={optim}",
-            f"output_dir={out / 'run'}"]
+            f"output_dir={out / 'run'}", *extra]
     me = ["bench/memory.py", "--worker", str(out / "peaks")]
-    if engine == "fsdp":
+    if engine in TORCHRUN_ENGINES:
         cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(port), *me, "--",
-               "--engine", "fsdp", *args]
+               "--engine", engine, *args]
     else:
         cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(world), "--master_port", str(port), *me, "--",
                "--config", f"ds_configs/{engine}.json", *args]
@@ -159,11 +191,13 @@ def launch(engine: str, world: int, model: Path, optim: str, out: Path, port: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm-135m")
-    parser.add_argument("--engines", nargs="+", choices=sorted(FORMULAS), default=["fsdp", "zero3", "zero2"])
+    parser.add_argument("--engines", nargs="+", choices=sorted(FORMULAS) + ["ddp", "single"], default=["fsdp", "zero3", "zero2"],
+                        help="ddp and single (one process) only with --lengths")
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--optims", nargs="+", choices=["adamw", "sgd"], default=["adamw", "sgd"])
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_memory")
     parser.add_argument("--results", type=Path, default=None, help="also write the rows to results.json in this folder")
+    parser.add_argument("--lengths", nargs="+", type=int, default=None, help="measure the sequence-length axis at these T")
     args = parser.parse_args()
     from transformers import AutoConfig
 
@@ -171,6 +205,11 @@ def main() -> None:
     cfg = AutoConfig.from_pretrained(model)
     params = _count(model)
     print(f"{args.model}: {params / 1e6:.1f}M parameters (config {cfg.hidden_size}x{cfg.num_hidden_layers}, vocab {cfg.vocab_size})")
+    if args.lengths:
+        sequence_lengths(args, model)
+        return
+    if not set(args.engines) <= set(FORMULAS):
+        parser.error(f"--engines: the per-rank table measures {', '.join(sorted(FORMULAS))}")
     rows, port = [], 29700
     for engine in args.engines:
         optims = args.optims if engine == "fsdp" else ["adamw"]  # ZeRO's partitions are the optimizer's
@@ -221,6 +260,54 @@ def main() -> None:
     if args.results:
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "results.json").write_text(json.dumps({"model": args.model, "parameters": params, "rows": rows}, indent=2))
+
+
+def sequence_lengths(args, model: Path) -> None:
+    """Model memory with and without activation checkpointing per T, and the final parameters' difference."""
+    from safetensors.torch import load_file
+
+    rows, port = [], 29900
+    for length in args.lengths:
+        data = long_rows(args.out / "data", length, model)
+        common = (f"data.train_file={data}", f"data.max_length={length}", "batch_size=2", "micro_batch_size=2",
+                  "seed=1", "privacy.noise_seed=1")
+        for engine in args.engines:
+            for world in args.worlds:
+                runs = {}
+                for flag in ("false", "true"):
+                    tag = f"T{length}_{engine}_w{world}_ckpt_{flag}"
+                    extra = (*common, f"model.gradient_checkpointing={flag}")
+                    port += 2
+                    big = launch(engine, world, model, "adamw", args.out / tag, port, extra)
+                    small = launch(engine, world, REPO / TINY_MODEL, "adamw", args.out / (tag + "_tiny"), port + 1, extra)
+                    if "error" in big or "error" in small:
+                        runs = {"error": big.get("error") or small["error"]}
+                        break
+                    clipping = json.loads((args.out / tag / "run/summary.json").read_text())["clipping"]
+                    runs[flag] = {"model_mb": big["peak_mb"] - small["peak_mb"], "clipping": clipping,
+                                  "params": load_file(args.out / tag / "run/final/model.safetensors")}
+                if "error" in runs:
+                    row = {"T": length, "engine": engine, "world": world, "error": runs["error"]}
+                else:
+                    off, on = runs["false"], runs["true"]
+                    diff = max(float((on["params"][k] - v).abs().max()) for k, v in off["params"].items())
+                    row = {"T": length, "engine": engine, "world": world, "without_mb": round(off["model_mb"]),
+                           "with_mb": round(on["model_mb"]), "ratio": round(on["model_mb"] / max(off["model_mb"], 1), 3),
+                           "clipping_with": on["clipping"], "max_param_diff": diff}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| T | engine | processes | model memory without (MB) | with checkpointing (MB) | with / without "
+          "| clipping with | largest parameter difference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['T']} | {r['engine']} | {r['world']} | {r['error']} | | | | |")
+            continue
+        print(f"| {r['T']} | {r['engine']} | {r['world']} | {r['without_mb']} | {r['with_mb']} | {r['ratio']} "
+              f"| {r['clipping_with']} | {r['max_param_diff']:.1e} |")
+    if args.results:
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "lengths.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
 
 
 def _count(folder: Path) -> int:

@@ -25,3 +25,22 @@ def test_smoke_run_measures_each_world_size(tmp_path):
         assert 0 < r["setup_peak_mb"] <= r["peak_mb"]  # the training phase was reached and sampled
         assert r["training_bytes_per_param"] is not None
     assert "| fsdp | sgd | 2 |" in done.stdout
+
+
+@pytest.mark.slow
+def test_smoke_run_measures_the_sequence_length_axis(tmp_path):
+    """With and without checkpointing at one T: both measured, auto's clipping mode recorded, and
+    the two runs (same seeds) end at the same parameters."""
+    done = run(
+        [sys.executable, "bench/memory.py", "--model", "smoke", "--engines", "single", "--worlds", "1", "--lengths", "96",
+         "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results")],
+        timeout=900, env=dict(os.environ),
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "results/lengths.json").read_text())["rows"]
+    assert (row["T"], row["engine"], row["world"], row["clipping_with"]) == (96, "single", 1, "two_pass")
+    assert all(isinstance(row[k], (int, float)) for k in ("without_mb", "with_mb", "ratio"))  # the smoke model's are noise
+    assert row["max_param_diff"] <= 1e-5
+    data = (tmp_path / "out/data/train_T96.csv").read_text().splitlines()
+    assert len(data) > 100  # the embedded rows, each reference repeated past 96 tokens
+    assert "| 96 | single | 1 |" in done.stdout

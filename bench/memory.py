@@ -23,8 +23,8 @@ The formula printed at the end is the memory the implementation keeps per parame
 of T tokens (E2E rows whose references are repeated past T, cut at ``data.max_length=T``; the
 same fixed noise seed throughout), AdamW, with and without ``model.gradient_checkpointing``
 (``privacy.clipping=auto``: two_pass where the engine runs it). Printed per T and world size:
-model memory with and without, their ratio, and the largest difference between the two runs'
-final parameters.
+model memory with and without, their ratio, the same for the training phase alone, and the
+largest difference between the two runs' final parameters.
 """
 
 from __future__ import annotations
@@ -242,15 +242,13 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| engine | optimizer | processes | peak per rank (MB) | model memory (MB) | vs 1 process | bytes/param/rank "
-          "| training phase: model memory (MB) | vs 1 process | bytes/param/rank |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['engine']} | {r['optim']} | {r['world']} | {r['error']} | | | | | | |")
-            continue
-        print(f"| {r['engine']} | {r['optim']} | {r['world']} | {r['peak_mb']} | {r['model_mb']} | {r['ratio_to_one']} "
-              f"| {r['bytes_per_param']} | {r['training_model_mb']} | {r['training_ratio_to_one']} | {r['training_bytes_per_param']} |")
+    _print_table(
+        ["engine", "optimizer", "processes", "peak per rank (MB)", "model memory (MB)", "vs 1 process", "bytes/param/rank",
+         "training phase: model memory (MB)", "vs 1 process", "bytes/param/rank"],
+        rows, ["engine", "optim", "world"],
+        ["peak_mb", "model_mb", "ratio_to_one", "bytes_per_param", "training_model_mb", "training_ratio_to_one",
+         "training_bytes_per_param"],
+    )
     print("\nformula (fp32, AdamW), bytes per parameter per rank, against the training phase's measurement:")
     for engine in args.engines:
         text, f, parts = FORMULAS[engine]
@@ -285,29 +283,39 @@ def sequence_lengths(args, model: Path) -> None:
                         break
                     clipping = json.loads((args.out / tag / "run/summary.json").read_text())["clipping"]
                     runs[flag] = {"model_mb": big["peak_mb"] - small["peak_mb"], "clipping": clipping,
+                                  "training_mb": big["training_mb"] - small["training_mb"],
                                   "params": load_file(args.out / tag / "run/final/model.safetensors")}
                 if "error" in runs:
                     row = {"T": length, "engine": engine, "world": world, "error": runs["error"]}
                 else:
                     off, on = runs["false"], runs["true"]
-                    diff = max(float((on["params"][k] - v).abs().max()) for k, v in off["params"].items())
+                    diff = float(f'{max(float((on["params"][k] - v).abs().max()) for k, v in off["params"].items()):.1e}')
                     row = {"T": length, "engine": engine, "world": world, "without_mb": round(off["model_mb"]),
                            "with_mb": round(on["model_mb"]), "ratio": round(on["model_mb"] / max(off["model_mb"], 1), 3),
+                           "training_without_mb": round(off["training_mb"]), "training_with_mb": round(on["training_mb"]),
+                           "training_ratio": round(on["training_mb"] / max(off["training_mb"], 1), 3),
                            "clipping_with": on["clipping"], "max_param_diff": diff}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| T | engine | processes | model memory without (MB) | with checkpointing (MB) | with / without "
-          "| clipping with | largest parameter difference |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['T']} | {r['engine']} | {r['world']} | {r['error']} | | | | |")
-            continue
-        print(f"| {r['T']} | {r['engine']} | {r['world']} | {r['without_mb']} | {r['with_mb']} | {r['ratio']} "
-              f"| {r['clipping_with']} | {r['max_param_diff']:.1e} |")
+    _print_table(
+        ["T", "engine", "processes", "model memory without (MB)", "with checkpointing (MB)", "with / without",
+         "training phase: without (MB)", "with (MB)", "with / without", "clipping with", "largest parameter difference"],
+        rows, ["T", "engine", "world"],
+        ["without_mb", "with_mb", "ratio", "training_without_mb", "training_with_mb", "training_ratio", "clipping_with",
+         "max_param_diff"],
+    )
     if args.results:
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "lengths.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+
+
+def _print_table(columns: list[str], rows: list[dict], keys: list[str], values: list[str]) -> None:
+    """A markdown table; a failed run's row is its ``keys`` and its error."""
+    print("\n| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        cells = [r["error"]] + [""] * (len(values) - 1) if "error" in r else [r[k] for k in values]
+        print("| " + " | ".join(str(c) for c in [r[k] for k in keys] + cells) + " |")
 
 
 def _count(folder: Path) -> int:

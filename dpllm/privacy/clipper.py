@@ -242,7 +242,7 @@ class PerSampleClipper:
         self._acc_dtype = acc_dtype = torch.promote_types(self.parameters[0].dtype, torch.float32)
         device = per_sample_loss.device
         verify, failed = self._verify, []
-        two_pass = self.mode == "two_pass" and not verify  # the one-time check runs in the one-pass form
+        two_pass = self.mode == "two_pass"  # its one-time check runs in the second pass
         loss = per_sample_loss[keep].sum()
         dummies = [c.dummy for c in calls]
         sq_norms = torch.zeros(bsz, dtype=acc_dtype, device=device)
@@ -250,8 +250,8 @@ class PerSampleClipper:
             self._stream = _Stream(self._uses(calls), sq_norms)
         self._calls, self._collected, self._collecting = calls, {}, True
         try:
-            if verify:
-                failed = self._backward_against_autograd(loss, calls, keep.to(acc_dtype))
+            if verify and not two_pass:
+                failed = self._backward_against_autograd(loss, calls, keep.to(acc_dtype), self._add_collected(keep.to(acc_dtype)))
             else:
                 torch.autograd.grad(loss, dummies, allow_unused=True, retain_graph=two_pass)
             if two_pass:
@@ -274,9 +274,8 @@ class PerSampleClipper:
         )
         self.last_dropped = int((~keep).sum())
         if two_pass:
-            self._second_pass(loss, calls, factors, keep)
-            return torch.where(keep, norms, torch.full_like(norms, float("nan")))
-        if self.last_dropped:
+            failed = self._second_pass(loss, calls, factors, keep, verify=verify and not self.last_dropped)
+        elif self.last_dropped:
             groups = {p: [C.zero_samples(c, keep) for c in cs] for p, cs in groups.items()}
 
         if verify and not self.last_dropped:  # a dropped sample's NaN would fail any comparison: check the next time
@@ -288,6 +287,8 @@ class PerSampleClipper:
                     "its per-sample gradient cannot be bounded"
                 )
 
+        if two_pass:  # its sums were handed on during the second pass
+            return torch.where(keep, norms, torch.full_like(norms, float("nan")))
         scaled: dict = {}
         for name in self.shapes:  # popping frees each layer's kept tensors as soon as its sum is formed
             contribs = groups.pop(name, None)
@@ -318,22 +319,41 @@ class PerSampleClipper:
                 uses[name] = uses.get(name, 0) + 1
         return uses
 
-    def _second_pass(self, loss: Tensor, calls: list[_Call], factors: Tensor, keep: Tensor) -> None:
+    def _second_pass(self, loss: Tensor, calls: list[_Call], factors: Tensor, keep: Tensor, verify: bool) -> list[str]:
         """two_pass: the same backward again; each layer's clipped sum is formed at its tap and
         handed on once its parameter's last use is in (then freed). Parameters come out in the
         order backward completes them, the same on every rank for the same model; those no
-        sample reached follow in the registered order."""
-        self._stream.start_sums(factors, keep if self.last_dropped else None, self.shapes, self._hand_on)
+        sample reached follow in the registered order. ``verify``: the one-time check against
+        autograd runs in this pass (the unclipped sums are formed beside the clipped ones, one
+        parameter's kept until autograd's gradient of it is compared). Returns what it failed."""
+        stream, failed, deferred = self._stream, [], []
+        # without a sink the sums go to p.grad, which the check uses for autograd's gradient: after it
+        hand_on = (lambda name, clipped: deferred.append((name, clipped))) if verify and self.grad_sink is None else self._hand_on
+        stream.start_sums(factors, keep if self.last_dropped else None, self.shapes, hand_on, verify)
         self._calls, self._collecting = calls, True
         try:
-            torch.autograd.grad(loss, [c.dummy for c in calls], allow_unused=True)
-            self._stream.finish()
+            if verify:
+                failed = self._backward_against_autograd(loss, calls, factors, stream.add_unclipped)
+            else:
+                torch.autograd.grad(loss, [c.dummy for c in calls], allow_unused=True)
+            stream.finish()
         finally:
-            self._collecting, self._calls = False, []
-            stream, self._stream = self._stream, None
+            self._collecting, self._calls, self._stream = False, [], None
+        for name, clipped in deferred:
+            self._hand_on(name, clipped)
         for name in self.shapes:
             if name not in stream.done:
                 self._hand_on(name, None)
+        return failed
+
+    def _add_collected(self, weights: Tensor):
+        """``add(name, out)``: adds the sum of ``name``'s collected contributions, weighted per sample, into ``out``."""
+
+        def add(name: str, out: Tensor) -> None:
+            for c in self._collected.get(name, []):
+                C.weighted_sum(c, weights, out=out)
+
+        return add
 
     def _direct(self, c: C.Outer) -> bool:
         if self.strategy == "auto":
@@ -347,12 +367,13 @@ class PerSampleClipper:
             total = total + 2 * C.inner(a, b, cache)
         return total
 
-    def _backward_against_autograd(self, loss: Tensor, calls: list, ones: Tensor) -> list[str]:
-        """The backward pass that collects the contributions, also accumulating autograd's batch
-        gradient of every parameter; each gradient is compared, as it is accumulated, with the
-        unclipped sum rebuilt from its module's contributions (collected earlier in the same
-        pass), then dropped. One pass, one parameter's gradient at a time: no retained graph, no
-        second copy of the model. Returns the names of the parameters that do not match."""
+    def _backward_against_autograd(self, loss: Tensor, calls: list, like: Tensor, add_rebuilt) -> list[str]:
+        """A backward pass of the clipper's that also accumulates autograd's batch gradient of
+        every parameter; each gradient is compared, as it is accumulated, with the unclipped sum
+        rebuilt from its module's contributions (received earlier in the same pass;
+        ``add_rebuilt(name, out)`` adds it into ``out``), then dropped. One parameter's gradient
+        at a time: no second copy of the model. ``like``: the accumulation dtype and device.
+        Returns the names of the parameters that do not match."""
         params = self.parameters
         rtol = {torch.float64: 1e-6, torch.float32: 1e-3}.get(params[0].dtype, 5e-2)
         if any(c.low_precision for c in calls):  # autograd's batch gradient went through bf16/fp16 matmuls
@@ -361,10 +382,9 @@ class PerSampleClipper:
 
         def compare(p: Tensor, ref: Tensor | None) -> None:
             # the difference built in place on autograd's gradient: one full-size tensor at a time
-            diff = torch.zeros(p.shape, dtype=ones.dtype, device=ones.device) if ref is None else ref.to(ones.dtype).neg_()
+            diff = torch.zeros(p.shape, dtype=like.dtype, device=like.device) if ref is None else ref.to(like.dtype).neg_()
             scale = diff.norm()
-            for c in self._collected.get(self.names[p], []):
-                C.weighted_sum(c, ones, out=diff)
+            add_rebuilt(self.names[p], diff)
             if diff.norm() > rtol * scale.clamp_min(torch.finfo(diff.dtype).tiny) + 1e-6:
                 failed.append(self.names[p])
 
@@ -407,16 +427,26 @@ class _Stream:
         self.sums = False
         self.done: set[str] = set()
 
-    def start_sums(self, factors: Tensor, keep: Tensor | None, shapes: dict, hand_on) -> None:
-        """``keep``: the samples kept, when some were dropped (their rows are zeroed)."""
+    def start_sums(self, factors: Tensor, keep: Tensor | None, shapes: dict, hand_on, verify: bool) -> None:
+        """``keep``: the samples kept, when some were dropped (their rows are zeroed). ``verify``:
+        also form the unclipped sums, for the check against autograd."""
         self.pending, self.kept, self.gram_cache, self.scaled = dict(self.uses), {}, {}, {}
         self.factors, self.keep, self.shapes, self.hand_on, self.sums = factors, keep, shapes, hand_on, True
+        self.unclipped: dict[str, Tensor] | None = {} if verify else None
+
+    def add_unclipped(self, name: str, out: Tensor) -> None:
+        value = self.unclipped.pop(name, None)
+        if value is not None:
+            out.view(-1).add_(value.view(-1))
 
     def add(self, name: str, c: C.Contribution) -> None:
         if self.sums:
             if self.keep is not None:
                 c = C.zero_samples(c, self.keep)
             self.kept[name] = C.weighted_sum(c, self.factors, self.scaled, out=self.kept.get(name))
+            if self.unclipped is not None:  # no shared scaling cache: these weights are others
+                ones = torch.ones_like(self.factors)
+                self.unclipped[name] = C.weighted_sum(c, ones, out=self.unclipped.get(name))
         else:
             self.kept.setdefault(name, []).append(c)
         self.pending[name] = self.pending.get(name, 1) - 1

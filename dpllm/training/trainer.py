@@ -141,12 +141,13 @@ def train(config: RunConfig) -> dict:
     # The root of the sample and the noise: rank 0's, secret unless the user fixed it.
     root = env.broadcast_int(p.noise_seed if p.noise_seed is not None else secret_seed())
     if p.enabled and env.is_main:  # on the whole model (rank 0's, before sharding)
-        probe = objective.collate(train_data[:2], pad_id)  # the probe keeps every module's activations: 2 rows suffice
+        # the probe keeps every module's activations: any 2 rows suffice, and the shortest need the least memory
+        shortest = [train_data[i] for i in sorted(range(len(train_data)), key=lambda i: len(train_data[i]["input_ids"]))[:2]]
+        probe = objective.collate(shortest, pad_id)
         with _autocast(config, device):  # the checks run the forward that training runs
             check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
         if config.engine != "single":  # before any engine wraps (or partitions) the model
-            shortest = sorted(range(len(train_data)), key=lambda i: len(train_data[i]["input_ids"]))[:2]
-            _check_clipping(model, objective, [train_data[i] for i in shortest], pad_id, p.max_grad_norm, _autocast(config, device))
+            _check_clipping(model, objective, shortest, pad_id, p.max_grad_norm, _autocast(config, device))
     if p.enabled:
         if p.noise_seed is not None:
             log.warning(

@@ -18,8 +18,7 @@ TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
 def assert_matches(model, batch, max_grad_norm, dtype, strategy="auto", reference=None, mode="book_keeping"):
     ref_norms, ref_clipped = reference or clipped_reference(model, batch, max_grad_norm)
-    # two_pass: the first backward is the one-time check in the one-pass form; the test wants the second form
-    clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy, mode=mode, verify_first_backward=mode != "two_pass")
+    clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, strategy=strategy, mode=mode)  # the check runs too
     model.zero_grad(set_to_none=True)
     norms = clipper.backward(forward_per_sample_loss(model, batch))
     clipper.detach()
@@ -222,7 +221,8 @@ def test_rms_norm_variant_with_other_formula_is_refused():
         PerSampleClipper(nn.Sequential(GemmaStyleRMSNorm(4)), max_grad_norm=1.0)
 
 
-def test_parameter_used_outside_its_module_is_detected():
+@pytest.mark.parametrize("mode", ["book_keeping", "two_pass"])
+def test_parameter_used_outside_its_module_is_detected(mode):
     class Sneaky(nn.Module):
         def __init__(self):
             super().__init__()
@@ -232,7 +232,7 @@ def test_parameter_used_outside_its_module_is_detected():
             return self.lin(x) + x @ self.lin.weight  # second use bypasses the hook
 
     model = Sneaky().double()
-    clipper = PerSampleClipper(model, max_grad_norm=1.0)
+    clipper = PerSampleClipper(model, max_grad_norm=1.0, mode=mode)
     with pytest.raises(UnsupportedModuleError, match="lin.weight"):
         clipper.backward(model(torch.randn(3, 4, dtype=torch.float64)).pow(2).sum(1))
 

@@ -35,6 +35,7 @@ import math
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -159,9 +160,17 @@ def long_rows(folder: Path, length: int, tokenizer_folder: Path) -> Path:
     return path
 
 
-def launch(engine: str, world: int, model: Path, optim: str, out: Path, port: int, extra: tuple[str, ...] = ()) -> dict:
+def _free_port() -> int:
+    """A port no other run on this machine listens on now (two benchmarks may run at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(engine: str, world: int, model: Path, optim: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """One run's peaks over its ranks, or ``{"error": ...}`` when it failed (say, killed for memory)."""
     bin_dir = Path(sys.executable).parent
+    port = _free_port()
     args = ["--recipe", "recipes/e2e/tiny_cpu.yaml", *RUN, f"model.name_or_path={model}", f"optim.name={optim}",
             f"output_dir={out / 'run'}", *extra]
     me = ["bench/memory.py", "--worker", str(out / "peaks")]
@@ -210,17 +219,15 @@ def main() -> None:
         return
     if not set(args.engines) <= set(FORMULAS):
         parser.error(f"--engines: the per-rank table measures {', '.join(sorted(FORMULAS))}")
-    rows, port = [], 29700
+    rows = []
     for engine in args.engines:
         optims = args.optims if engine == "fsdp" else ["adamw"]  # ZeRO's partitions are the optimizer's
         for optim in optims:
             base = {}
             for world in args.worlds:
-                port += 1
                 tag = f"{engine}_{optim}_w{world}"
-                big = launch(engine, world, model, optim, args.out / tag, port)
-                port += 1
-                small = launch(engine, world, REPO / TINY_MODEL, optim, args.out / (tag + "_tiny"), port)
+                big = launch(engine, world, model, optim, args.out / tag)
+                small = launch(engine, world, REPO / TINY_MODEL, optim, args.out / (tag + "_tiny"))
                 if "error" in big or "error" in small:
                     rows.append({"engine": engine, "optim": optim, "world": world, "error": big.get("error") or small["error"]})
                     print(json.dumps(rows[-1]), flush=True)
@@ -264,7 +271,7 @@ def sequence_lengths(args, model: Path) -> None:
     """Model memory with and without activation checkpointing per T, and the final parameters' difference."""
     from safetensors.torch import load_file
 
-    rows, port = [], 29900
+    rows = []
     for length in args.lengths:
         data = long_rows(args.out / "data", length, model)
         common = (f"data.train_file={data}", f"data.max_length={length}", "batch_size=2", "micro_batch_size=2",
@@ -275,9 +282,8 @@ def sequence_lengths(args, model: Path) -> None:
                 for flag in ("false", "true"):
                     tag = f"T{length}_{engine}_w{world}_ckpt_{flag}"
                     extra = (*common, f"model.gradient_checkpointing={flag}")
-                    port += 2
-                    big = launch(engine, world, model, "adamw", args.out / tag, port, extra)
-                    small = launch(engine, world, REPO / TINY_MODEL, "adamw", args.out / (tag + "_tiny"), port + 1, extra)
+                    big = launch(engine, world, model, "adamw", args.out / tag, extra)
+                    small = launch(engine, world, REPO / TINY_MODEL, "adamw", args.out / (tag + "_tiny"), extra)
                     if "error" in big or "error" in small:
                         runs = {"error": big.get("error") or small["error"]}
                         break

@@ -424,13 +424,16 @@ class _Stream:
         self.pending: dict[str, int] = dict(uses)
         self.kept: dict = {}  # what came of the parameters whose other uses are still to come
         self.gram_cache: dict = {}  # layers fed the same input (q/k/v) arrive one after another
+        # the inputs whose Grams are cached, held so that their memory (the cache's key) cannot be
+        # reused by a later layer's input while the entry lives: checkpointing frees each as it goes
+        self.gram_sources: list[Tensor] = []
         self.sums = False
         self.done: set[str] = set()
 
     def start_sums(self, factors: Tensor, keep: Tensor | None, shapes: dict, hand_on, verify: bool) -> None:
         """``keep``: the samples kept, when some were dropped (their rows are zeroed). ``verify``:
         also form the unclipped sums, for the check against autograd."""
-        self.pending, self.kept, self.gram_cache, self.scaled = dict(self.uses), {}, {}, {}
+        self.pending, self.kept, self.gram_cache, self.gram_sources, self.scaled = dict(self.uses), {}, {}, [], {}
         self.factors, self.keep, self.shapes, self.hand_on, self.sums = factors, keep, shapes, hand_on, True
         self.unclipped: dict[str, Tensor] | None = {} if verify else None
 
@@ -461,10 +464,12 @@ class _Stream:
             return
         if len(self.gram_cache) > 1:  # only the latest input's Gram can be shared by what follows
             self.gram_cache.clear()
+            self.gram_sources.clear()
+        self.gram_sources.extend(c.right for c in value if isinstance(c, C.Outer))
         self.sq_norms += PerSampleClipper._squared_norm(value, self.gram_cache)
 
     def finish(self) -> None:
         """Parameters some of whose uses got no gradient: reduce what came."""
         for name in list(self.kept):
             self._reduce(name)
-        self.gram_cache = {}
+        self.gram_cache, self.gram_sources = {}, []

@@ -366,3 +366,22 @@ def test_two_pass_hands_each_sum_on_during_its_backward(mode):
     assert all(inside == (mode == "two_pass") for _, inside in seen)
     if mode == "two_pass":  # backward order: the head (tied to the embedding) first, but it is handed on last
         assert names[-1] == "model.embed_tokens.weight"
+
+
+def test_two_pass_holds_the_inputs_of_cached_grams():
+    """The first pass caches a layer input's Gram under the input's address. Under checkpointing
+    each recomputed input is freed once used, and a later layer's input of the same shape could
+    land at that address and be given the stale Gram (wrong norms): the cache holds its inputs."""
+    import weakref
+
+    from dpllm.privacy import contributions as contrib
+    from dpllm.privacy.clipper import _Stream
+
+    stream = _Stream({"q": 1, "k": 1}, torch.zeros(2, dtype=torch.float64))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    alive = weakref.ref(x)
+    stream.add("q", contrib.Outer(torch.randn(2, 5, 4, dtype=torch.float64), x))
+    del x
+    assert alive() is not None  # while its Gram is cached
+    stream.finish()
+    assert alive() is None  # released with the cache

@@ -1,7 +1,7 @@
 """Per-rank peak memory of a private run at world sizes 1, 2 and 4, per engine.
 
-    python bench/memory.py                        # SmolLM-135M's published config, random weights
-    python bench/memory.py --model smollm-360m --worlds 1 2 --engines fsdp
+    python bench/memory.py                        # smol_llama-220M-GQA's published config, random weights
+    python bench/memory.py --model smollm-135m --worlds 1 2 --engines fsdp
     python bench/memory.py --lengths 1024 --worlds 1 2 --engines fsdp   # the sequence-length axis
 
 Each run is the tiny E2E recipe (2 steps, expected batch 4 in micro-batches of 1, sequences of
@@ -44,8 +44,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Published configurations (Llama architecture), built with random weights.
+# Published configurations (Llama architecture), built with random weights: SmolLM (Hugging Face),
+# smol_llama-101M-GQA and smol_llama-220M-GQA (BEE-spoke-data; untied embeddings, vocabulary 32128)
 MODELS = {
+    "smol-llama-220m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=10, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=32128, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                            max_position_embeddings=2048),
+    "smol-llama-101m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=24,
+                            num_key_value_heads=8, vocab_size=32128, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                            max_position_embeddings=1024),
     "smollm-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
     "smollm-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
@@ -199,7 +206,7 @@ def launch(engine: str, world: int, model: Path, optim: str, out: Path, extra: t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="smollm-135m")
+    parser.add_argument("--model", choices=sorted(MODELS), default="smol-llama-220m")
     parser.add_argument("--engines", nargs="+", choices=sorted(FORMULAS) + ["ddp", "single"], default=["fsdp", "zero3", "zero2"],
                         help="ddp and single (one process) only with --lengths")
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -42,20 +43,35 @@ def resolve(name_or_path: str) -> str:
     return str(folder)
 
 
-def load_model_and_tokenizer(config: ModelConfig, num_labels: int | None = None, on_meta: bool = False):
+WEIGHTS = ("mapped", "owned", "meta")
+
+
+def load_model_and_tokenizer(config: ModelConfig, num_labels: int | None = None, weights: str = "mapped"):
     """A causal LM, or a sequence classifier with ``num_labels`` classes (a new head where the
     checkpoint has none). ``config.name_or_path``: hub name, save_pretrained folder or package:NAME.
-    ``on_meta``: the same model (adapters included) without memory or weights, for a sharding
-    engine to materialise one shard of."""
+
+    ``weights``: "mapped" (Hugging Face's default: views of the memory-mapped checkpoint file,
+    resident as they are touched and all freed only with the last one); "owned" (each tensor in
+    its own memory, read from a local safetensors checkpoint, so that freeing a layer frees its
+    memory: a sharding engine's rank 0 frees the whole model layer by layer as it shards it; a
+    hub name or another format falls back to "mapped"); "meta" (the same model, adapters
+    included, without memory or weights, for a sharding engine to materialise one shard of)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     path = resolve(config.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     labels = {} if num_labels is None else {"num_labels": num_labels}
-    if on_meta:
+    dtype = DTYPES[config.dtype]
+    state = _read_owned(Path(path), dtype) if weights == "owned" and Path(path).is_dir() else None
+    if weights == "meta" or state is not None:
+        model_config = AutoConfig.from_pretrained(path, **labels)
         with torch.device("meta"):
-            model = auto.from_config(AutoConfig.from_pretrained(path, **labels), dtype=DTYPES[config.dtype])
+            model = auto.from_config(model_config, dtype=dtype)
+        if state is not None:  # the same loading code as from a path (key renames, tied and new weights)
+            model = type(model).from_pretrained(None, config=model_config, state_dict=state, dtype=dtype)
     else:
-        model = auto.from_pretrained(path, dtype=DTYPES[config.dtype], **labels)
+        model = auto.from_pretrained(path, dtype=dtype, **labels)
     for name, p in model.named_parameters():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.freeze):
             p.requires_grad_(False)
@@ -75,6 +91,31 @@ def load_model_and_tokenizer(config: ModelConfig, num_labels: int | None = None,
                 raise
             raise ValueError(f"model.lora_targets={config.lora_targets} match no module of {path}: {e}") from None
     return model, tokenizer
+
+
+def _read_owned(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's tensors, each copied into its own memory (floating ones in ``dtype``)
+    with its file mapping closed before the next is read: a view of a mapped file keeps the
+    whole file resident until its last view is freed. None for a folder without safetensors."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        return None
+    state = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            with safe_open(str(file), "pt") as f:
+                view = f.get_tensor(key)
+            state[key] = view.to(dtype) if view.is_floating_point() and view.dtype != dtype else view.clone()
+            del view  # the last reference to this mapping
+    return state
 
 
 def pad_token_id(tokenizer) -> int:

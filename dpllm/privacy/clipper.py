@@ -196,6 +196,11 @@ class PerSampleClipper:
         self.parameters = list(self.by_name.values())
         self.names = {p: name for name, p in self.by_name.items()}
 
+    def release_parameters(self) -> None:
+        """Drop every reference to the parameters (until :meth:`rebind`): a sharding engine frees
+        the full ones as it shards them."""
+        self.by_name, self.parameters, self.names = {}, [], {}
+
     def detach(self) -> None:
         """Remove the hooks."""
         for h in self._handles:

@@ -19,6 +19,7 @@ from dpllm.distributed import ShardedPrivateStep, init_distributed
 from dpllm.distributed.fsdp import shard_from_rank0
 from dpllm.distributed.saving import save_streaming
 from dpllm.distributed.zero3 import partition_from_rank0
+from dpllm.lm import IGNORE_INDEX
 from dpllm.models import load_model_and_tokenizer, pad_token_id
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
@@ -120,8 +121,10 @@ def train(config: RunConfig) -> dict:
         raise ValueError("precision=bf16-mixed: this GPU has no bf16 support; use precision=fp32")
     objective = objective_for(config.data.task)
     partitioned = config.partitions_parameters  # FSDP2 or ZeRO-3: forwards and saving need every rank
-    # Partitioned engines: rank 0 loads, the others build on the meta device, then each keeps its part
-    model, tokenizer = load_model_and_tokenizer(config.model, num_labels=objective.num_labels, on_meta=partitioned and not env.is_main)
+    # Partitioned engines: rank 0 loads (into memory it can free layer by layer as it shards), the
+    # others build on the meta device, then each keeps its part
+    weights = "mapped" if not partitioned else "owned" if env.is_main else "meta"
+    model, tokenizer = load_model_and_tokenizer(config.model, num_labels=objective.num_labels, weights=weights)
     if not partitioned:
         model.to(device)
     model.train()
@@ -141,13 +144,12 @@ def train(config: RunConfig) -> dict:
     # The root of the sample and the noise: rank 0's, secret unless the user fixed it.
     root = env.broadcast_int(p.noise_seed if p.noise_seed is not None else secret_seed())
     if p.enabled and env.is_main:  # on the whole model (rank 0's, before sharding)
-        # the probe keeps every module's activations: any 2 rows suffice, and the shortest need the least memory
-        shortest = [train_data[i] for i in sorted(range(len(train_data)), key=lambda i: len(train_data[i]["input_ids"]))[:2]]
-        probe = objective.collate(shortest, pad_id)
+        rows = _probe_rows(train_data)
+        probe = objective.collate(rows, pad_id)
         with _autocast(config, device):  # the checks run the forward that training runs
             check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
         if config.engine != "single":  # before any engine wraps (or partitions) the model
-            _check_clipping(model, objective, shortest, pad_id, p.max_grad_norm, _autocast(config, device))
+            _check_clipping(model, objective, rows, pad_id, p.max_grad_norm, _autocast(config, device))
     if p.enabled:
         if p.noise_seed is not None:
             log.warning(
@@ -361,6 +363,25 @@ def _finish(config, env, objective, model, tokenizer, metrics, header, eval_data
     return {"eval_loss_before": None, "eval_loss_after": None, **before, **after, "scores": final_scores}
 
 
+PROBE_TOKENS = 64
+
+
+def _probe_rows(rows: list[dict], max_tokens: int = PROBE_TOKENS) -> list[dict]:
+    """The rows the startup checks run on. Any two rows check the rules, and the mixing probe
+    keeps every module's activations: the two shortest, each cut to its first ``max_tokens``
+    tokens (further, where needed, to keep a token with a label, so the loss is defined)."""
+    shortest = sorted(rows, key=lambda r: len(r["input_ids"]))[:2]
+    out = []
+    for row in shortest:
+        n, keep = len(row["input_ids"]), max_tokens
+        labels = row.get("labels")
+        if isinstance(labels, list) and len(labels) == n:  # token labels: keep up to the first target and one more
+            first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), n)
+            keep = max(keep, first + 2)
+        out.append({k: v[:keep] if isinstance(v, list) and len(v) == n else v for k, v in row.items()})
+    return out
+
+
 def _autocast(config: RunConfig, device: torch.device):
     """bf16-mixed: forwards in bf16 autocast (their backwards follow); weights, optimizer state,
     norms and clipped sums stay fp32."""
@@ -372,7 +393,7 @@ def _autocast(config: RunConfig, device: torch.device):
 def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float, autocast) -> None:
     """One clipped backward with the clipper's check against autograd, then nothing kept (the
     clipped sums are dropped as formed, the check holds one parameter's gradient at a time).
-    Any two rows check the rules; the shortest two (given by the caller) need the least memory."""
+    Any two rows check the rules; the caller gives short ones (see _probe_rows)."""
     clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, verify_first_backward=True, grad_sink=lambda name, sum_: None)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in objective.collate(examples, pad_id).items()}
@@ -391,6 +412,7 @@ def _sharded_step(config: RunConfig, env, model, optimizer, device, common: dict
     handover = {"ddp": "replicated", "fsdp": "fsdp", "deepspeed": "zero3" if config.zero_stage == 3 else "deepspeed"}
     stepper = ShardedPrivateStep(model, optimizer, env=env, handover=handover[config.engine], **common)
     if config.engine == "fsdp":
+        stepper.release_parameters()
         shard_from_rank0(model, env, device)
         stepper.use_sharded(model, _optimizer(config, _trainable(model)))
     elif config.engine == "deepspeed":

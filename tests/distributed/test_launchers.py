@@ -53,6 +53,27 @@ def test_two_processes_match_one(tmp_path, denoise):
 
 
 @pytest.mark.slow
+def test_untied_qwen2_on_two_processes_matches_one(tmp_path):
+    """Untied input and output embeddings are FSDP2 units of their own, and the partitioning
+    engines' rank 0 loads into memory of its own: the trained model is still one process's."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import tiny_model
+
+    folder = tmp_path / "qwen2"
+    tiny_model("qwen2", tied=False, vocab=512, hidden=64).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(REPO / "assets/models/stories260K").save_pretrained(folder)
+    runs = {kind: _launch(kind, tmp_path / kind, [f"model.name_or_path={folder}"]) for kind in ("single", "fsdp", "zero3")}
+    single = runs["single"]["params"]
+    initial = load_file(folder / "model.safetensors")
+    assert (single["lm_head.weight"] - initial["lm_head.weight"]).abs().max() > 1e-4  # the untied head trained
+    for kind in ("fsdp", "zero3"):
+        assert set(runs[kind]["params"]) == set(single)
+        for name, value in single.items():
+            torch.testing.assert_close(runs[kind]["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")
+
+
+@pytest.mark.slow
 def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path):
     """launch/glue.py under torchrun + FSDP2: same parameters as one process, classification head included."""
     sst2 = REPO / "assets/data/glue/SST-2"

@@ -243,3 +243,17 @@ def test_glue_classification_run_on_a_local_bert(tmp_path):
     assert sum("denoised_fraction" in r for r in rows) == 3
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run/final")
     assert reloaded.config.num_labels == 2
+
+
+def test_startup_checks_run_on_short_prefixes_of_the_two_shortest_rows():
+    """The probe rows: the two shortest, cut to a prefix that still holds a target token."""
+    from dpllm.training.trainer import _probe_rows
+
+    lm = [{"input_ids": list(range(n)), "labels": [-100] * prompt + list(range(prompt, n))} for n, prompt in ((900, 100), (300, 10), (500, 5))]
+    rows = _probe_rows(lm, max_tokens=64)
+    assert [len(r["input_ids"]) for r in rows] == [64, 64]  # the rows of 300 and 500 tokens, cut
+    assert all(len(r["labels"]) == 64 and any(label != -100 for label in r["labels"]) for r in rows)
+    long_prompt = _probe_rows([{"input_ids": list(range(900)), "labels": [-100] * 100 + [7] * 800}] * 2, max_tokens=64)
+    assert [len(r["input_ids"]) for r in long_prompt] == [102, 102] and long_prompt[0]["labels"][100] == 7
+    classification = _probe_rows([{"input_ids": list(range(90)), "label": 1}, {"input_ids": [1, 2], "label": 0}], max_tokens=64)
+    assert classification == [{"input_ids": [1, 2], "label": 0}, {"input_ids": list(range(64)), "label": 1}]

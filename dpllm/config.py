@@ -196,7 +196,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     engine: str = "single"  # single | ddp (torchrun, replicated) | fsdp (torchrun, FSDP2) | deepspeed (ZeRO-1/2/3)
-    # fp32 | bf16-mixed: training forwards and backwards under bf16 autocast, weights and optimizer state fp32
+    # fp32 | bf16-mixed: training forwards and backwards under bf16 autocast, weights and optimizer state fp32.
+    # Under DeepSpeed its config's bf16 section decides (bf16 weights, fp32 master copy): see run_precision
     precision: str = "fp32"
     deepspeed_config: str = ""  # a DeepSpeed JSON config (launch/e2e.py --config sets it)
     batch_size: int = 32  # expected logical batch size: sample rate q = batch_size / N
@@ -216,6 +217,15 @@ class RunConfig:
     def zero_stage(self) -> int:
         """The DeepSpeed config's ZeRO stage (0 for other engines)."""
         return _zero_stage(self.deepspeed_config) if self.engine == "deepspeed" else 0
+
+    @property
+    def run_precision(self) -> str:
+        """The precision the run trains in: ``precision``, except under DeepSpeed, whose config's
+        bf16 section decides (a recipe then runs unchanged with ds_configs/zero2.json or
+        zero2_bf16.json)."""
+        if self.engine != "deepspeed":
+            return self.precision
+        return "bf16-mixed" if _ds_config(self.deepspeed_config).get("bf16", {}).get("enabled") else "fp32"
 
     @property
     def clipping_mode(self) -> str:
@@ -266,8 +276,8 @@ class RunConfig:
         if self.precision == "bf16-mixed":
             _require(self.model.dtype == "float32", "precision", "bf16-mixed keeps fp32 weights: set model.dtype=float32")
             _require(
-                self.engine in ("single", "fsdp"), "precision",
-                "bf16-mixed runs on engines single and fsdp; DeepSpeed's own bf16 config is ds_configs/zero3_bf16.json",
+                self.engine in ("single", "ddp", "fsdp", "deepspeed"), "precision",
+                "bf16-mixed runs on engines single, ddp and fsdp, and under DeepSpeed as its config's bf16 section says",
             )
         if self.engine == "deepspeed":
             stage = self.zero_stage
@@ -301,13 +311,16 @@ def _load_yaml(text):
     return yaml.load(text, Loader=_Loader)
 
 
-def _zero_stage(path: str) -> int:
+def _ds_config(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"deepspeed_config: cannot read {path} as JSON ({e})") from None
-    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
+def _zero_stage(path: str) -> int:
+    return _ds_config(path).get("zero_optimization", {}).get("stage", 0)
 
 
 def _require(ok: bool, key: str, message: str) -> None:

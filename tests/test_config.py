@@ -112,13 +112,23 @@ def test_engine_claims_of_the_readme_fail_before_anything_loads(tmp_path, overri
         load_config(REPO / "recipes/e2e/tiny_cpu.yaml", overrides)
 
 
-def test_bf16_mixed_needs_fp32_weights_and_an_engine_that_runs_it():
+def test_bf16_mixed_needs_fp32_weights():
     recipe = REPO / "recipes/e2e/tiny_cpu.yaml"
     assert load_config(recipe, ["precision=bf16-mixed"]).precision == "bf16-mixed"
     with pytest.raises(ConfigError, match="precision: bf16-mixed keeps fp32 weights: set model.dtype=float32"):
         load_config(recipe, ["precision=bf16-mixed", "model.dtype=bfloat16"])
-    with pytest.raises(ConfigError, match="precision: bf16-mixed runs on engines single and fsdp"):
-        load_config(recipe, ["precision=bf16-mixed", "engine=ddp"])
+    for engine in ("ddp", "fsdp"):
+        assert load_config(recipe, ["precision=bf16-mixed", f"engine={engine}"]).run_precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_under_deepspeed_its_config_decides_the_precision(precision):
+    """A recipe's precision runs unchanged with either DeepSpeed config: the config's bf16 section wins."""
+    recipe = REPO / "recipes/e2e/tiny_cpu.yaml"
+    for ds, expected in (("zero2.json", "fp32"), ("zero2_bf16.json", "bf16-mixed"), ("zero3_bf16.json", "bf16-mixed")):
+        config = load_config(recipe, [f"precision={precision}", "engine=deepspeed", f"deepspeed_config={REPO / 'ds_configs' / ds}"])
+        assert config.run_precision == expected, ds
+    assert load_config(recipe, [f"precision={precision}"]).run_precision == precision
 
 
 def test_clipping_mode_resolves_from_checkpointing_and_engine_and_is_refused_where_it_cannot_be_exact():

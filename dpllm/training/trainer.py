@@ -117,8 +117,11 @@ def train(config: RunConfig) -> dict:
     if config.engine == "single" and env.distributed:
         raise ValueError(f"{env.world_size} processes were launched but engine is 'single'; pick ddp or deepspeed")
     device = env.device()
-    if config.precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if config.run_precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("precision=bf16-mixed: this GPU has no bf16 support; use precision=fp32")
+    if config.run_precision != config.precision:
+        log.warning("precision=%s: DeepSpeed's config %s decides, and it trains in %s", config.precision,
+                    config.deepspeed_config, config.run_precision)
     objective = objective_for(config.data.task)
     partitioned = config.partitions_parameters  # FSDP2 or ZeRO-3: forwards and saving need every rank
     # Partitioned engines: rank 0 loads (into memory it can free layer by layer as it shards), the
@@ -303,6 +306,7 @@ def train(config: RunConfig) -> dict:
         "sample_rate": plan.sample_rate,
         "accountant": p.accountant,
         "clipping": config.clipping_mode if p.enabled else None,
+        "precision": config.run_precision,
         "world_size": env.world_size,
         "seed_secret": p.noise_seed is None,
         "resume_mismatch": resume_mismatch,
@@ -384,8 +388,8 @@ def _probe_rows(rows: list[dict], max_tokens: int = PROBE_TOKENS) -> list[dict]:
 
 def _autocast(config: RunConfig, device: torch.device):
     """bf16-mixed: forwards in bf16 autocast (their backwards follow); weights, optimizer state,
-    norms and clipped sums stay fp32."""
-    if config.precision != "bf16-mixed":
+    norms and clipped sums stay fp32. DeepSpeed's bf16 runs bf16 weights itself: no autocast."""
+    if config.precision != "bf16-mixed" or config.engine == "deepspeed":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 

@@ -125,12 +125,14 @@ def test_activation_checkpointing_gives_the_same_model_on_every_engine(tmp_path)
 
 
 @pytest.mark.slow
-def test_bf16_mixed_on_two_fsdp_processes_matches_one_process(tmp_path):
-    """precision=bf16-mixed: the same bf16 forwards per example on every rank, fp32 sums and weights."""
-    runs = {kind: _launch(kind, tmp_path / kind, ["precision=bf16-mixed"]) for kind in ("single", "fsdp")}
+def test_bf16_mixed_on_two_processes_matches_one_process(tmp_path):
+    """precision=bf16-mixed under torchrun (replicated and FSDP2): the same bf16 forwards per example
+    on every rank, fp32 sums and weights."""
+    runs = {kind: _launch(kind, tmp_path / kind, ["precision=bf16-mixed"]) for kind in ("single", "ddp", "fsdp")}
     for name, value in runs["single"]["params"].items():
         assert value.dtype == torch.float32
-        torch.testing.assert_close(runs["fsdp"]["params"][name], value, rtol=0, atol=1e-5, msg=name)
+        for kind in ("ddp", "fsdp"):
+            torch.testing.assert_close(runs[kind]["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind} {name}")
 
 
 @pytest.mark.slow

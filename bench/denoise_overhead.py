@@ -29,7 +29,7 @@ from dpllm.denoise import rmt_denoise_batched  # noqa: E402
 from dpllm.lm import per_sample_loss  # noqa: E402
 from dpllm.privacy.accountant import PrivacyAccountant  # noqa: E402
 from dpllm.privacy.noise import GaussianNoise  # noqa: E402
-from dpllm.training.private_step import PrivateStep  # noqa: E402
+from dpllm.steps.private import PrivateStep  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, heads, kv heads (head_dim 64)
     "qwen2.5-0.5b": dict(hidden=896, intermediate=4864, heads=14, kv_heads=2, family="qwen2"),

@@ -31,7 +31,8 @@ def worker(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from dpllm.distributed import ShardedPrivateStep, init_distributed
+    from dpllm.distributed import init_distributed
+    from dpllm.steps import ShardedPrivateStep
     from dpllm.lm import forward_per_sample_loss
     from dpllm.privacy.accountant import PrivacyAccountant
     from dpllm.privacy.noise import GaussianNoise

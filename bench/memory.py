@@ -96,7 +96,7 @@ def worker(out: Path, argv: list[str]) -> None:
     import psutil
     import torch
 
-    from dpllm.training.private_step import PrivateStep
+    from dpllm.steps.private import PrivateStep
     from launch.e2e import main
 
     phase = {"training_mb": 0.0}

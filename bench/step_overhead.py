@@ -86,7 +86,7 @@ def build_step(variant: str, cfg: dict, device: str, freeze_norms: bool):
     elif variant == "dpllm":
         from dpllm.privacy.accountant import PrivacyAccountant
         from dpllm.privacy.noise import GaussianNoise
-        from dpllm.training.private_step import PrivateStep
+        from dpllm.steps.private import PrivateStep
 
         private = PrivateStep(
             model,

@@ -1,7 +1,7 @@
-"""Multi-process private training: process groups, matrix ownership and the sharded private step."""
+"""Multi-process private training: process groups and matrix ownership (the sharded step itself is
+dpllm.steps.sharded)."""
 
 from dpllm.distributed.env import DistEnv, init_distributed
 from dpllm.distributed.ownership import assign_owners
-from dpllm.distributed.step import ShardedPrivateStep
 
-__all__ = ["DistEnv", "ShardedPrivateStep", "assign_owners", "init_distributed"]
+__all__ = ["DistEnv", "assign_owners", "init_distributed"]

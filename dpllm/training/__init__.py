@@ -1,1 +1,1 @@
-"""Training: the private step as named stages, and the single training loop."""
+"""Training: the single training loop, its checkpoints, logs and evaluation (the steps it drives are dpllm.steps)."""

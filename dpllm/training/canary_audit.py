@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dpllm.distributed import DistEnv, ShardedPrivateStep
+from dpllm.distributed import DistEnv
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.audit import epsilon_lower_bound
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
-from dpllm.training.private_step import PrivateStep
+from dpllm.steps import PrivateStep, ShardedPrivateStep
 
 
 @dataclass(frozen=True)

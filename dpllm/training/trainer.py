@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpllm.config import RunConfig, publishable_dict
-from dpllm.distributed import ShardedPrivateStep, init_distributed
+from dpllm.distributed import init_distributed
 from dpllm.distributed.fsdp import shard_from_rank0
 from dpllm.distributed.saving import save_streaming
 from dpllm.distributed.zero3 import partition_from_rank0
@@ -28,13 +28,13 @@ from dpllm.privacy.mixing import check_per_sample
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
 from dpllm.privacy.seeds import derive, secret_seed
+from dpllm.steps import NonPrivateStep, PrivateStep, ShardedPrivateStep
 from dpllm.tasks import get_task
 from dpllm.training import checkpoint
 from dpllm.training.evaluation import GenerationEval, write_results
 from dpllm.training.objectives import Objective, objective_for
 from dpllm.training.metrics import MetricsLog
 from dpllm.training.privacy_report import privacy_report, write_privacy_report
-from dpllm.training.private_step import NonPrivateStep, PrivateStep
 
 log = logging.getLogger("dpllm")
 

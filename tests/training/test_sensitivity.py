@@ -8,7 +8,8 @@ data, accumulating each micro-batch's sum in bf16 moves it by 1.025 C when one e
 import pytest
 import torch
 
-from dpllm.distributed import DistEnv, ShardedPrivateStep
+from dpllm.distributed import DistEnv
+from dpllm.steps import ShardedPrivateStep
 from dpllm.distributed.local import run_on_ranks
 from dpllm.lm import collate, forward_per_sample_loss
 from dpllm.privacy.accountant import PrivacyAccountant

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dpllm.denoise.gradient import GradientDenoiser
-from dpllm.distributed import ShardedPrivateStep, assign_owners
+from dpllm.distributed import assign_owners
+from dpllm.steps import ShardedPrivateStep
 from dpllm.distributed.local import run_on_ranks
 from dpllm.lm import forward_per_sample_loss
 from dpllm.privacy.accountant import PrivacyAccountant

@@ -9,7 +9,7 @@ from dpllm.lm import forward_per_sample_loss
 from dpllm.privacy.noise import GaussianNoise
 from tests.conftest import tiny_batch, tiny_model
 from tests.privacy.reference import clipped_reference
-from tests.training.test_private_step import make_step
+from tests.steps.test_private import make_step
 
 
 def test_default_selection_is_attention_and_mlp_projections_only():

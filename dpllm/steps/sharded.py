@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from dpllm.denoise.gradient import DEFAULT_INCLUDE, GradBuffer, GradientDenoiser, select
 from dpllm.distributed.env import DistEnv
 from dpllm.distributed.ownership import assign_owners
-from dpllm.training.private_step import PrivateStep
+from dpllm.steps.private import PrivateStep
 
 HANDOVERS = ("replicated", "deepspeed", "fsdp", "zero3")
 

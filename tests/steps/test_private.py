@@ -8,7 +8,7 @@ from dpllm.lm import forward_per_sample_loss
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.accounting import compute_epsilon
 from dpllm.privacy.noise import GaussianNoise
-from dpllm.training.private_step import PrivateStep
+from dpllm.steps.private import PrivateStep
 from tests.conftest import tiny_batch, tiny_model
 from tests.privacy.reference import clipped_reference
 

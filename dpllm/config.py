@@ -24,6 +24,10 @@ from dpllm.tasks.glue import GLUE
 
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
+ALGORITHMS = ("dp_sgd", "dp_zo")
+# dp_zo keeps no gradients or optimizer state for ZeRO to partition; its replicated (ddp) and
+# sharded (fsdp) forms run under torchrun
+ZO_ENGINES = ("single", "ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16-mixed")
 CLIPPING_MODES = ("auto", "book_keeping", "two_pass")
 # two_pass's second backward reuses the first's graph; FSDP2 and ZeRO free the gathered weights it
@@ -188,6 +192,22 @@ class OptimConfig:
 
 
 @dataclass
+class ZerothOrderConfig:
+    """DP zeroth-order steps (``algorithm: dp_zo``): two forwards along seeded directions and one
+    clipped scalar per sample; no backward, gradients or optimizer state. The ``optim`` section is
+    not used: the update is plain SGD along the directions."""
+
+    directions: int = 1  # per step, each on a Poisson sample of its own (one accounted mechanism each)
+    mu: float = 1e-3  # smoothing: the two forwards run at theta + mu z and theta - mu z
+    lr: float = 1e-6  # step size along the directions (MeZO's scale for billion-parameter models; tiny ones take far more)
+
+    def validate(self) -> None:
+        _require(self.directions >= 1, "zo.directions", "must be >= 1")
+        _require(self.mu > 0, "zo.mu", "must be > 0 (the forwards at theta +- mu z would coincide)")
+        _require(self.lr > 0, "zo.lr", "must be > 0")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -195,6 +215,10 @@ class RunConfig:
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # dp_sgd (per-sample gradients, clipped and noised) | dp_zo (zeroth-order: clipped and noised
+    # directional derivatives, see the zo section)
+    algorithm: str = "dp_sgd"
+    zo: ZerothOrderConfig = field(default_factory=ZerothOrderConfig)
     engine: str = "single"  # single | ddp (torchrun, replicated) | fsdp (torchrun, FSDP2) | deepspeed (ZeRO-1/2/3)
     # fp32 | bf16-mixed: training forwards and backwards under bf16 autocast, weights and optimizer state fp32.
     # Under DeepSpeed its config's bf16 section decides (bf16 weights, fp32 master copy): see run_precision
@@ -235,13 +259,30 @@ class RunConfig:
         return "two_pass" if self.model.gradient_checkpointing and self.engine in TWO_PASS_ENGINES else "book_keeping"
 
     @property
+    def mechanisms_per_step(self) -> int:
+        """Poisson-subsampled Gaussians one step composes: one per zeroth-order direction."""
+        return self.zo.directions if self.algorithm == "dp_zo" else 1
+
+    @property
     def partitions_parameters(self) -> bool:
         """FSDP2 and ZeRO-3 keep each parameter in pieces across ranks: every forward needs them all."""
         return self.engine == "fsdp" or self.zero_stage == 3
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.privacy, self.denoise, self.optim, self.generation):
+        for section in (self.model, self.data, self.privacy, self.denoise, self.optim, self.generation, self.zo):
             section.validate()
+        _require(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}")
+        if self.algorithm == "dp_zo":
+            _require(
+                not self.denoise.enabled, "denoise.enabled",
+                "dp_zo noises one scalar per direction: there is no gradient matrix to denoise; set denoise.enabled=false",
+            )
+            _require(self.privacy.enabled, "privacy.enabled", "dp_zo is the private zeroth-order step; it needs privacy.enabled")
+            _require(
+                self.engine in ZO_ENGINES, "engine",
+                f"dp_zo runs on engines {', '.join(ZO_ENGINES)} (it keeps no gradients or optimizer state for ZeRO to "
+                "partition: launch it with torchrun --engine ddp or --engine fsdp)",
+            )
         _require(
             not self.denoise.enabled or self.privacy.enabled, "denoise.enabled", "needs privacy.enabled (there is no noise to remove)"
         )

@@ -142,3 +142,26 @@ def test_clipping_mode_resolves_from_checkpointing_and_engine_and_is_refused_whe
             load_config(recipe, ["privacy.clipping=two_pass", *engine])
     with pytest.raises(ConfigError, match="privacy.clipping: must be one of"):
         load_config(recipe, ["privacy.clipping=ghost"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["zo.mu=0"], "zo.mu: must be > 0"),
+        (["zo.mu=-0.001"], "zo.mu: must be > 0"),
+        (["zo.directions=0"], "zo.directions: must be >= 1"),
+        (["zo.lr=0"], "zo.lr: must be > 0"),
+        (["denoise.enabled=true"], "denoise.enabled: dp_zo noises one scalar per direction: there is no gradient matrix"),
+        (["privacy.enabled=false"], "privacy.enabled: dp_zo is the private zeroth-order step"),
+        (["engine=deepspeed", "deepspeed_config=ds_configs/zero2.json"], "engine: dp_zo runs on engines single, ddp, fsdp"),
+    ],
+)
+def test_zeroth_order_refuses_what_it_cannot_do(overrides, key, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=key):
+        load_config(REPO / "recipes/e2e/tiny_cpu.yaml", ["algorithm=dp_zo", *overrides])
+
+
+def test_unknown_algorithm_is_refused():
+    with pytest.raises(ConfigError, match="algorithm: must be one of"):
+        load_config(REPO / "recipes/e2e/tiny_cpu.yaml", ["algorithm=zo"])

@@ -19,6 +19,7 @@ the rounding of the sum depend on the other samples, and one sample could move i
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +28,36 @@ from dpllm.denoise.gradient import GradBuffer, GradientDenoiser, cosine
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
 from dpllm.privacy.noise import GaussianNoise
+from dpllm.steps.batches import MicroBatch
 
 
-class PrivateStep:
+class _BackwardStep:
+    """What the gradient steps share: one Poisson sample per step, one backward per micro-batch."""
+
+    samples_per_step = 1
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the step itself, beyond the optimizer, noise and accountant: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def run(self, draws: list[list[MicroBatch]], forward: Callable[[dict], Tensor]) -> list[Tensor]:
+        """Forward and clipped backward of each micro-batch of the step's sample; returns the losses."""
+        (micros,) = draws
+        losses = []
+        for mb in micros:
+            loss = forward(mb.batch)
+            if mb.padding:
+                self.accumulate_nothing(loss)
+                continue
+            self.clip_and_accumulate(loss)
+            losses.append(loss.detach())
+        return losses
+
+
+class PrivateStep(_BackwardStep):
     def __init__(
         self,
         model: nn.Module,
@@ -188,8 +216,9 @@ class PrivateStep:
         return stats
 
 
-class NonPrivateStep:
-    """The same interface without clipping, noise or accounting: the baseline to compare with."""
+class NonPrivateStep(_BackwardStep):
+    """The same interface without clipping, noise or accounting: the baseline to compare with
+    (one process: it never pads)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, expected_batch_size: float) -> None:
         self.optimizer = optimizer

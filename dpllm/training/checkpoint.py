@@ -92,7 +92,7 @@ def _text_to_tensor(s: str) -> torch.Tensor:
 
 def save(
     output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer, accountant, sampler, noise, rows,
-    privacy: PrivacyContext, partitioned: bool = False,
+    privacy: PrivacyContext, partitioned: bool = False, step_state: dict | None = None,
 ) -> Path:
     """``partitioned``: the parameters are FSDP2 shards or ZeRO-3 partitions (the Hugging Face
     folder is then streamed from them, every rank taking part)."""
@@ -111,7 +111,7 @@ def save(
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer or ())
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / "sharded", no_dist=not env.distributed)
     env.barrier()  # every rank's files are in before rank 0 declares the folder complete
     if env.is_main:
@@ -126,6 +126,7 @@ def save(
             "accountant": accountant.state_dict() if privacy.private else None,
             "sampler": None if sampler.secure else _tensor_to_text(sampler.state_dict()["generator"]),
             "noise": None if noise is None or noise.secure else noise.state_dict(),
+            "step_state": step_state or {},  # what the step kind keeps of its own (zeroth-order: its direction seed)
             "rows": rows,
         }
         (tmp / "state.json").write_text(json.dumps(state))
@@ -169,10 +170,10 @@ def load(
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer or ())
         loaded = {"model": model_state, "optim": optim_state}
         dcp.load(loaded, checkpoint_id=path / "sharded", no_dist=not env.distributed)
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        set_state_dict(model, optimizer or (), model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     _set_generator_states(torch.load(path / f"rng_rank{env.rank}.pt"))
     if privacy.private and state["accountant"] is not None:
         # the history is the mechanism's; an accepted mismatch composes it at this run's delta

@@ -12,6 +12,16 @@ import json
 from pathlib import Path
 
 
+MECHANISMS = {
+    "dp_sgd": "Poisson-subsampled Gaussian (DP-SGD)",
+    "dp_zo": "Poisson-subsampled Gaussian, {k} per step (DP zeroth-order: one per direction, each on its own sample)",
+}
+CLIPPING = {
+    "dp_sgd": "per-sample L2 norm of the whole gradient",
+    "dp_zo": "per-sample directional derivative (l(theta + mu z) - l(theta - mu z)) / (2 mu), clamped to [-C, C]",
+}
+
+
 def privacy_report(
     config, plan, accountant, *, engine: str, world_size: int, duplicates: int, resume_mismatch: list[str]
 ) -> dict:
@@ -23,14 +33,16 @@ def privacy_report(
         "epsilon": accountant.epsilon(),
         "delta": plan.delta,
         "accountant": f"{p.accountant} (dp-accounting)",
-        "mechanism": "Poisson-subsampled Gaussian (DP-SGD)",
+        "mechanism": MECHANISMS[config.algorithm].format(k=config.mechanisms_per_step),
+        "algorithm": config.algorithm,
         "adjacency": "add or remove one training row",
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
-        "steps": accountant.steps,
+        "steps": accountant.steps // config.mechanisms_per_step,
+        "mechanisms_per_step": config.mechanisms_per_step,
         "history": accountant.state_dict()["history"],
         "max_grad_norm": p.max_grad_norm,
-        "clipping": "per-sample L2 norm of the whole gradient",
+        "clipping": CLIPPING[config.algorithm],
         "unit": "one training row",
         "duplicate_rows": duplicates,
         "engine": engine,
@@ -51,10 +63,10 @@ def _markdown(r: dict) -> str:
     lines = [
         "# Privacy",
         "",
-        f"Trained with DP-SGD: ({r['epsilon']:.4g}, {r['delta']:.3g})-differential privacy for **{r['unit']}** "
+        f"Trained with {'DP zeroth-order steps' if r['algorithm'] == 'dp_zo' else 'DP-SGD'}: ({r['epsilon']:.4g}, {r['delta']:.3g})-differential privacy for **{r['unit']}** "
         f"({r['adjacency']}), from the {r['accountant']} accountant of the {r['mechanism']} mechanism.",
         "",
-        f"- {r['steps']} steps, Poisson sampling at rate {r['sample_rate']:.4g}, noise multiplier "
+        f"- {r['steps']} steps of {r['mechanisms_per_step']} mechanism(s), Poisson sampling at rate {r['sample_rate']:.4g}, noise multiplier "
         f"{r['noise_multiplier']:.4g}, per-sample clipping norm {r['max_grad_norm']:g}; engine {r['engine']} "
         f"on {r['world_size']} process(es).",
         f"- The training file held {r['duplicate_rows']} row(s) that exactly repeat an earlier row: data that "

@@ -28,7 +28,7 @@ from dpllm.privacy.mixing import check_per_sample
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
 from dpllm.privacy.seeds import derive, secret_seed
-from dpllm.steps import NonPrivateStep, PrivateStep, ShardedPrivateStep
+from dpllm.steps import MicroBatch, NonPrivateStep, PrivateStep, ShardedPrivateStep, ZerothOrderStep
 from dpllm.tasks import get_task
 from dpllm.training import checkpoint
 from dpllm.training.evaluation import GenerationEval, write_results
@@ -49,7 +49,8 @@ class PrivacyPlan:
 
 
 def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
-    """Sample rate, steps and sigma for the run; errors if the target budget cannot be met."""
+    """Sample rate, steps and sigma for the run; errors if the target budget cannot be met. A step
+    composes ``config.mechanisms_per_step`` Poisson-subsampled Gaussians (zeroth-order directions)."""
     if config.batch_size > num_examples:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {num_examples} training examples")
     q = config.batch_size / num_examples
@@ -60,16 +61,17 @@ def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
         return PrivacyPlan(q, steps, delta, 0.0, math.inf)
     if delta >= 1.0 / num_examples:
         log.warning("privacy.delta=%g is not below 1/N=%g: such a guarantee allows releasing a whole example", delta, 1 / num_examples)
+    per_step = config.mechanisms_per_step
     sigma = p.noise_multiplier
     if sigma is None:
-        sigma = calibrate_noise_multiplier(p.target_epsilon, delta, q, steps, p.accountant)
-    eps = compute_epsilon(sigma, q, steps, delta, p.accountant)
+        sigma = calibrate_noise_multiplier(p.target_epsilon, delta, q, steps * per_step, p.accountant)
+    eps = compute_epsilon(sigma, q, steps * per_step, delta, p.accountant)
     if p.target_epsilon is not None and eps > p.target_epsilon:
-        fits = max_steps_within(sigma, q, delta, p.target_epsilon, p.accountant, limit=steps)
+        fits = max_steps_within(sigma, q, delta, p.target_epsilon, p.accountant, limit=steps * per_step) // per_step
         raise ValueError(
-            f"the plan ({steps} steps at noise multiplier {sigma:g}, sample rate {q:g}) spends epsilon {eps:.4g} "
-            f"> privacy.target_epsilon={p.target_epsilon:g}; at most {fits} steps fit: lower max_steps/epochs, "
-            "raise privacy.noise_multiplier, or leave it out to calibrate it"
+            f"the plan ({steps} steps of {per_step} mechanism(s) at noise multiplier {sigma:g}, sample rate {q:g}) spends "
+            f"epsilon {eps:.4g} > privacy.target_epsilon={p.target_epsilon:g}; at most {fits} steps fit: lower "
+            "max_steps/epochs, raise privacy.noise_multiplier, or leave it out to calibrate it"
         )
     return PrivacyPlan(q, steps, delta, sigma, eps)
 
@@ -141,7 +143,8 @@ def train(config: RunConfig) -> dict:
     plan = plan_privacy(config, len(train_data))
     p = config.privacy
     # Built once the parameters are in place (FSDP2: on the shards); DeepSpeed wraps it after the step's hooks are on
-    optimizer = None if partitioned else _optimizer(config, _trainable(model))
+    zeroth_order = config.algorithm == "dp_zo"  # no backward: no optimizer, no clipper
+    optimizer = None if partitioned or zeroth_order else _optimizer(config, _trainable(model))
     expected_batch = plan.sample_rate * len(train_data)
     accountant = PrivacyAccountant(plan.delta, p.accountant)
     # The root of the sample and the noise: rank 0's, secret unless the user fixed it.
@@ -151,40 +154,14 @@ def train(config: RunConfig) -> dict:
         probe = objective.collate(rows, pad_id)
         with _autocast(config, device):  # the checks run the forward that training runs
             check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
-        if config.engine != "single":  # before any engine wraps (or partitions) the model
+        if config.engine != "single" and not zeroth_order:  # before any engine wraps (or partitions) the model
             _check_clipping(model, objective, rows, pad_id, p.max_grad_norm, _autocast(config, device))
-    if p.enabled:
-        if p.noise_seed is not None:
-            log.warning(
-                "privacy.noise_seed is set: the reported epsilon assumes that number stays secret "
-                "(whoever knows it can replay the noise); it is not written to any published file"
-            )
-        noise = GaussianNoise(plan.noise_multiplier, p.max_grad_norm, seed=derive(root, "noise"), secure=p.secure_mode)
-        common = dict(
-            max_grad_norm=p.max_grad_norm,
-            noise=noise,
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=plan.sample_rate,
-            expected_batch_size=expected_batch,
-            accountant=accountant,
-            denoiser_options=config.denoise.options() if config.denoise.enabled else None,
-            denoise_every=config.denoise.every,
-            denoise_start=config.denoise.start,
-            diagnostics=config.denoise.diagnostics,
-            clipper_options={"mode": config.clipping_mode},
+    if p.enabled and p.noise_seed is not None:
+        log.warning(
+            "privacy.noise_seed is set: the reported epsilon assumes that number stays secret "
+            "(whoever knows it can replay the noise); it is not written to any published file"
         )
-        log.info("per-sample clipping: %s (privacy.clipping=%s)", config.clipping_mode, p.clipping)
-        if config.engine == "single":
-            stepper = PrivateStep(model, optimizer, **common)
-        else:
-            stepper = _sharded_step(config, env, model, optimizer, device, common)
-        if config.denoise.diagnostics:
-            log.warning(
-                "denoise.diagnostics is on: diagnostics/metrics.jsonl will hold cosines to the clipped, pre-noise "
-                "gradient. These numbers are NOT differentially private; never publish them or use them to tune a private run."
-            )
-    else:  # engine single (config validation)
-        stepper = NonPrivateStep(model, optimizer, expected_batch_size=expected_batch)
+    stepper = _build_step(config, env, model, optimizer, device, plan, accountant, root, expected_batch)
     sampler = PoissonSampler(len(train_data), plan.sample_rate, seed=derive(root, "sampler"), secure=p.secure_mode)
     metrics = MetricsLog(out, enabled=env.is_main, diagnostics=p.diagnostics_log)
     if env.is_main:
@@ -209,7 +186,7 @@ def train(config: RunConfig) -> dict:
         return checkpoint.save(
             out, step, env=env, engine=config.engine, model=model, tokenizer=tokenizer, optimizer=stepper.optimizer,
             accountant=accountant, sampler=sampler, noise=noise, rows=metrics.rows, privacy=privacy_context,
-            partitioned=partitioned,
+            partitioned=partitioned, step_state=stepper.state_dict(),
         )
 
     start, resume_mismatch = 0, []
@@ -221,6 +198,7 @@ def train(config: RunConfig) -> dict:
             partitioned=partitioned,
         )
         start = stepper.step_index = state["step"]
+        stepper.load_state_dict(state.get("step_state", {}))
         resume_mismatch = state["privacy_mismatch"]
         for row in state["rows"]:
             metrics.log(row)
@@ -233,49 +211,53 @@ def train(config: RunConfig) -> dict:
         log.info("plan: %s", header)
     end = plan.steps
     if p.enabled and p.target_epsilon is not None:  # the budget guard
-        end = start + accountant.steps_within(plan.noise_multiplier, plan.sample_rate, p.target_epsilon, plan.steps - start)
+        per_step = config.mechanisms_per_step
+        end = start + accountant.steps_within(
+            plan.noise_multiplier, plan.sample_rate, p.target_epsilon, (plan.steps - start) * per_step
+        ) // per_step
         if end < plan.steps:
             log.warning(
                 "privacy budget: only %d of the planned %d steps keep epsilon within %g; the run stops after step %d",
                 end, plan.steps, p.target_epsilon, end,
             )
 
+    def forward(batch: dict) -> torch.Tensor:
+        with _autocast(config, device):
+            return objective.per_sample_loss(model, batch)
+
+    def micro_batches_of(indices: list[int]) -> list[MicroBatch]:
+        # Micro-batches of similar lengths waste little compute on padding; the clipped sum does not
+        # depend on how a sample is cut.
+        mine = sorted(rank_share(indices, env.rank, env.world_size), key=lambda i: len(train_data[i]["input_ids"]))
+        micros = micro_batches(mine, config.micro_batch_size)
+        # Clipped sums go to their owners per micro-batch (and FSDP2 and ZeRO-3 gather parameters in
+        # every forward and backward), so ranks run as many micro-batches as the busiest one (Poisson
+        # shares differ; one may be empty), the extra ones adding nothing.
+        rounds = env.max_int(len(micros))
+        out = []
+        for k in range(rounds):
+            examples = train_data[:1] if k >= len(micros) else [train_data[i] for i in micros[k]]
+            batch = {key: v.to(device) for key, v in objective.collate(examples, pad_id).items()}
+            out.append(MicroBatch(batch, padding=k >= len(micros)))
+        return out
+
     desc = "private fine-tune" if p.enabled else "fine-tune"
     bar = tqdm(range(start, end), desc=desc, initial=start, total=end, disable=not (config.progress and env.is_main))
     started = time.perf_counter()
     for step in bar:
-        indices = sampler.sample()
-        losses = []
-        # Micro-batches of similar lengths waste little compute on padding; the clipped sum does not
-        # depend on how the logical batch is cut.
-        mine = sorted(rank_share(indices, env.rank, env.world_size), key=lambda i: len(train_data[i]["input_ids"]))
-        micros = micro_batches(mine, config.micro_batch_size)
-        # Clipped sums go to their owners per micro-batch (and FSDP2 gathers parameters in every forward
-        # and backward), so ranks run as many micro-batches as the busiest one (Poisson shares differ;
-        # one may be empty), the extra ones adding nothing.
-        rounds = env.max_int(len(micros))
-        for k in range(rounds):
-            padding = k >= len(micros)
-            examples = train_data[:1] if padding else [train_data[i] for i in micros[k]]
-            batch = {key: v.to(device) for key, v in objective.collate(examples, pad_id).items()}
-            with _autocast(config, device):
-                loss = objective.per_sample_loss(model, batch)
-            if padding:
-                stepper.accumulate_nothing(loss)
-                continue
-            stepper.clip_and_accumulate(loss)
-            losses.append(loss.detach())
+        draws = [sampler.sample() for _ in range(stepper.samples_per_step)]  # one per zeroth-order direction
+        losses = stepper.run([micro_batches_of(indices) for indices in draws], forward)
         stats = stepper.step()
         done = step + 1
         if done % config.log_every == 0 or done == end:
-            all_losses = torch.cat(losses).cpu() if losses else torch.zeros(0)
+            all_losses = torch.cat([loss.cpu() for loss in losses]) if losses else torch.zeros(0)
             finite = all_losses[torch.isfinite(all_losses)]
             loss_sum, loss_count = env.sum_floats([float(finite.sum()), finite.numel()])
             row = {
                 "step": done,
                 "loss": loss_sum / loss_count if loss_count else None,
                 "epsilon": accountant.epsilon() if p.enabled else None,
-                "batch_size": len(indices),
+                "batch_size": sum(len(indices) for indices in draws),
                 "elapsed_s": round(time.perf_counter() - started, 3),
                 **stats,
             }
@@ -298,6 +280,7 @@ def train(config: RunConfig) -> dict:
         duplicates=data_counts["duplicate_train_rows"], resume_mismatch=resume_mismatch,
     )
     summary = {
+        "algorithm": config.algorithm,
         "steps": end,
         "planned_steps": plan.steps,
         "epsilon": accountant.epsilon() if p.enabled else None,
@@ -408,6 +391,49 @@ def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: i
     model.zero_grad(set_to_none=True)
     if clipper.last_dropped:  # the check is skipped for a batch with a non-finite sample
         raise ValueError("the clipper's startup check could not run: a probe row's loss or gradient is not finite")
+
+
+def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyPlan, accountant, root: int, expected_batch: float):
+    """The step the config asks for: DP-SGD (one process or sharded), DP zeroth-order, or the
+    non-private baseline; partitioning engines shard the model here."""
+    p = config.privacy
+    if not p.enabled:  # engine single (config validation)
+        return NonPrivateStep(model, optimizer, expected_batch_size=expected_batch)
+    noise = GaussianNoise(plan.noise_multiplier, p.max_grad_norm, seed=derive(root, "noise"), secure=p.secure_mode)
+    common = dict(
+        max_grad_norm=p.max_grad_norm,
+        noise=noise,
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        expected_batch_size=expected_batch,
+        accountant=accountant,
+    )
+    if config.algorithm == "dp_zo":
+        if config.engine == "fsdp":
+            shard_from_rank0(model, env, device)
+        zo = config.zo
+        log.info("DP zeroth-order: %d direction(s) per step, mu %g, lr %g", zo.directions, zo.mu, zo.lr)
+        # The directions carry no privacy (see steps/zeroth_order.py): from the public seed
+        return ZerothOrderStep(
+            model, env=env, directions=zo.directions, mu=zo.mu, lr=zo.lr, direction_seed=derive(config.seed, "directions"),
+            lockstep=config.partitions_parameters, **common,
+        )
+    common.update(
+        denoiser_options=config.denoise.options() if config.denoise.enabled else None,
+        denoise_every=config.denoise.every,
+        denoise_start=config.denoise.start,
+        diagnostics=config.denoise.diagnostics,
+        clipper_options={"mode": config.clipping_mode},
+    )
+    log.info("per-sample clipping: %s (privacy.clipping=%s)", config.clipping_mode, p.clipping)
+    if config.denoise.diagnostics:
+        log.warning(
+            "denoise.diagnostics is on: diagnostics/metrics.jsonl will hold cosines to the clipped, pre-noise "
+            "gradient. These numbers are NOT differentially private; never publish them or use them to tune a private run."
+        )
+    if config.engine == "single":
+        return PrivateStep(model, optimizer, **common)
+    return _sharded_step(config, env, model, optimizer, device, common)
 
 
 def _sharded_step(config: RunConfig, env, model, optimizer, device, common: dict) -> ShardedPrivateStep:

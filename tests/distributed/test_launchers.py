@@ -252,3 +252,23 @@ def test_zero3_with_a_layer_without_a_per_sample_rule_is_refused_on_every_rank(t
     assert done.returncode != 0
     assert done.stdout.count("GemmaRMSNorm") + done.stderr.count("GemmaRMSNorm") >= 2  # both ranks name it
     assert "have no per-sample gradient rule" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_zeroth_order_on_two_processes_matches_one(tmp_path):
+    """DP zeroth-order, 2 directions per step, Poisson shares unequal across ranks: replicated
+    (ddp) and sharded (FSDP2, each rank perturbing its own shard) runs end where one process ends."""
+    extra = [
+        "algorithm=dp_zo", "zo.directions=2", "zo.lr=0.01", "batch_size=3", "micro_batch_size=1", "max_steps=4",
+        "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0",
+    ]
+    single = _launch("single", tmp_path / "single", extra)
+    start = load_file(REPO / "assets/models/stories260K/model.safetensors")
+    assert max(float((single["params"][n] - start[n]).abs().max()) for n in start) > 1e-4  # it did train
+    for kind in ("ddp", "fsdp"):
+        run = _launch(kind, tmp_path / kind, extra)
+        assert run["summary"]["world_size"] == 2 and run["summary"]["epsilon"] == single["summary"]["epsilon"]
+        sizes = [r["batch_size"] for r in run["rows"] if "batch_size" in r]
+        assert sizes == [r["batch_size"] for r in single["rows"] if "batch_size" in r] and any(n % 2 for n in sizes)
+        for name, value in single["params"].items():
+            torch.testing.assert_close(run["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")

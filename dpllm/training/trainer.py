@@ -140,6 +140,11 @@ def train(config: RunConfig) -> dict:
     scorer = None
     if eval_rows and evaluates and objective.num_labels is None:
         scorer = GenerationEval(get_task(config.data.task), eval_rows, gen, out, write=env.is_main, synced=partitioned and env.distributed)
+    if not any(_has_target(row) for row in train_data):
+        raise ValueError(
+            f"no training row keeps a target token within data.max_length={config.data.max_length}: "
+            "every loss would be 0; raise data.max_length"
+        )
     plan = plan_privacy(config, len(train_data))
     p = config.privacy
     # Built once the parameters are in place (FSDP2: on the shards); DeepSpeed wraps it after the step's hooks are on
@@ -353,11 +358,18 @@ def _finish(config, env, objective, model, tokenizer, metrics, header, eval_data
 PROBE_TOKENS = 64
 
 
+def _has_target(row: dict) -> bool:
+    """Whether an encoded row has a loss: a class label, or a target token left after truncation."""
+    labels = row.get("labels")
+    return not isinstance(labels, list) or any(label != IGNORE_INDEX for label in labels)
+
+
 def _probe_rows(rows: list[dict], max_tokens: int = PROBE_TOKENS) -> list[dict]:
-    """The rows the startup checks run on. Any two rows check the rules, and the mixing probe
-    keeps every module's activations: the two shortest, each cut to its first ``max_tokens``
-    tokens (further, where needed, to keep a token with a label, so the loss is defined)."""
-    shortest = sorted(rows, key=lambda r: len(r["input_ids"]))[:2]
+    """The rows the startup checks run on. Any two rows with a loss check the rules, and the
+    mixing probe keeps every module's activations: the two shortest rows with a target token
+    (a row truncated before its target has loss 0 and would pass every check unexamined), each
+    cut to its first ``max_tokens`` tokens (further, where needed, to keep a target token)."""
+    shortest = sorted(rows, key=lambda r: (not _has_target(r), len(r["input_ids"])))[:2]
     out = []
     for row in shortest:
         n, keep = len(row["input_ids"]), max_tokens

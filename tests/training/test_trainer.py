@@ -183,6 +183,11 @@ def test_non_private_baseline_run(tmp_path, local_models):
     assert summary["epsilon"] is None and math.isfinite(summary["eval_loss_after"])
 
 
+def test_rows_all_cut_before_their_targets_are_refused(tmp_path, local_models):
+    with pytest.raises(ValueError, match="no training row keeps a target token within data.max_length=8"):
+        run(tmp_path, local_models["llama"], "data.max_length=8")
+
+
 def test_batch_larger_than_dataset_is_refused(tmp_path, local_models):
     with pytest.raises(ValueError, match="exceeds"):
         run(tmp_path, local_models["llama"], "batch_size=500")
@@ -255,6 +260,9 @@ def test_startup_checks_run_on_short_prefixes_of_the_two_shortest_rows():
     assert all(len(r["labels"]) == 64 and any(label != -100 for label in r["labels"]) for r in rows)
     long_prompt = _probe_rows([{"input_ids": list(range(900)), "labels": [-100] * 100 + [7] * 800}] * 2, max_tokens=64)
     assert [len(r["input_ids"]) for r in long_prompt] == [102, 102] and long_prompt[0]["labels"][100] == 7
+    # Rows truncated before their target (loss 0) would let every check pass unexamined: skipped
+    cut = [{"input_ids": list(range(64)), "labels": [-100] * 64}] * 3 + [lm[1], lm[2]]
+    assert [any(label != -100 for label in r["labels"]) for r in _probe_rows(cut, max_tokens=64)] == [True, True]
     classification = _probe_rows([{"input_ids": list(range(90)), "label": 1}, {"input_ids": [1, 2], "label": 0}], max_tokens=64)
     assert classification == [{"input_ids": [1, 2], "label": 0}, {"input_ids": list(range(64)), "label": 1}]
 
@@ -310,3 +318,30 @@ def test_zeroth_order_resumes_exactly(tmp_path, local_models):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     assert json.loads((tmp_path / "cut/summary.json").read_text())["epsilon"] == json.loads((tmp_path / "straight/summary.json").read_text())["epsilon"]
+
+
+@pytest.mark.parametrize("algorithm", [["algorithm=dp_zo"], ["algorithm=dp_sgd"]], ids=["dp_zo", "dp_sgd"])
+def test_a_model_that_mixes_samples_is_refused_at_startup(tmp_path, local_models, monkeypatch, algorithm):
+    """A clipped scalar (or gradient) bounds one row's influence only if the row moves no other
+    row's loss: the startup probe names the module that mixes, for both algorithms, also with
+    the recipe's 64-token rows, most of which are cut before their target."""
+    from torch import nn
+
+    import dpllm.training.trainer as trainer
+    from dpllm.privacy.rules import UnsupportedModuleError
+
+    class BatchCentering(nn.Module):
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True)
+
+    load = trainer.load_model_and_tokenizer
+
+    def mixing(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        mlp = model.model.layers[1].mlp
+        mlp.act_fn = nn.Sequential(mlp.act_fn, BatchCentering())
+        return model, tokenizer
+
+    monkeypatch.setattr(trainer, "load_model_and_tokenizer", mixing)
+    with pytest.raises(UnsupportedModuleError, match=r"model\.layers\.1\.mlp\.act_fn\.1' \(BatchCentering\) mixes samples"):
+        run(tmp_path, local_models["llama"], *algorithm)

@@ -156,7 +156,7 @@ def test_a_default_run_with_a_secret_seed_resumes_exactly(tmp_path):
         (["privacy.enabled=false"], [], "private: checkpoint False, this run True"),
         ([], ["data.max_train_examples=100"], "num_train_examples: checkpoint 200, this run 100"),
         ([], ["privacy.delta=1e-4"], "delta: checkpoint 0.0025, this run 0.0001"),
-        ([], ["data.max_length=32"], "train_data_sha256"),
+        ([], ["data.max_length=128"], "train_data_sha256"),
     ],
     ids=["non_private_checkpoint", "dataset_size", "delta", "other_data"],
 )

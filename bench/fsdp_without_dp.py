@@ -73,7 +73,9 @@ def run(model: Path, world: int, optim: str) -> float:
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(_free_port()),
            __file__, "--worker", str(model), "--optim", optim]
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:  # the workers' own error, not only the launcher's exit status
+        raise RuntimeError(f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
 
 

@@ -129,8 +129,13 @@ def worker(out: Path, argv: list[str]) -> None:
     sys.exit(code)
 
 
-def save_model(name: str, folder: Path) -> Path:
-    """The published config with random weights (and the embedded tokenizer), saved once."""
+def save_model(name: str, folder: Path, context: int = 0) -> Path:
+    """The published config with random weights (and the embedded tokenizer), saved once.
+    ``context``: a longer max_position_embeddings than the published one (rotary positions have no
+    table, so only the config's number changes; the weights are the same)."""
+    published = MODELS[name]["max_position_embeddings"]
+    if context > published:
+        folder = folder.with_name(f"{folder.name}_ctx{context}")
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -138,7 +143,8 @@ def save_model(name: str, folder: Path) -> Path:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(REPO / TINY_MODEL)
-    config = LlamaConfig(**MODELS[name], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    fields = dict(MODELS[name], max_position_embeddings=max(published, context))
+    config = LlamaConfig(**fields, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -217,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoConfig
 
-    model = save_model(args.model, args.out / "models" / args.model)
+    model = save_model(args.model, args.out / "models" / args.model, context=max(args.lengths or [0]))
     cfg = AutoConfig.from_pretrained(model)
     params = _count(model)
     print(f"{args.model}: {params / 1e6:.1f}M parameters (config {cfg.hidden_size}x{cfg.num_hidden_layers}, vocab {cfg.vocab_size})")

@@ -30,9 +30,6 @@ ALGORITHMS = ("dp_sgd", "dp_zo")
 ZO_ENGINES = ("single", "ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16-mixed")
 CLIPPING_MODES = ("auto", "book_keeping", "two_pass")
-# two_pass's second backward reuses the first's graph; FSDP2 and ZeRO free the gathered weights it
-# saved as they reshard or partition after the first
-TWO_PASS_ENGINES = ("single", "ddp")
 
 
 class ConfigError(ValueError):
@@ -107,8 +104,8 @@ class PrivacyConfig:
     accountant: str = "pld"
     # auto | book_keeping (one backward, each layer's per-sample factors kept to its end) |
     # two_pass (norms formed and dropped per layer, then a second backward forms the sums; what
-    # activation checkpointing needs). auto: two_pass with model.gradient_checkpointing where the
-    # engine allows it, else book_keeping
+    # activation checkpointing needs; every engine but ZeRO-3). auto: two_pass with
+    # model.gradient_checkpointing where the engine allows it, else book_keeping
     clipping: str = "auto"
     # The noise streams and the Poisson sampler are seeded from os.urandom unless noise_seed is
     # given; the epsilon then assumes that number stays secret. It is never written to a
@@ -256,7 +253,14 @@ class RunConfig:
         """The clipper's mode ``privacy.clipping`` resolves to for this model and engine."""
         if self.privacy.clipping != "auto":
             return self.privacy.clipping
-        return "two_pass" if self.model.gradient_checkpointing and self.engine in TWO_PASS_ENGINES else "book_keeping"
+        return "two_pass" if self.model.gradient_checkpointing and self.runs_two_pass else "book_keeping"
+
+    @property
+    def runs_two_pass(self) -> bool:
+        """two_pass's second backward reuses the first's graph. FSDP2 gathers each unit again for it
+        (its pre-backward hooks fire on every backward, into the same storage); ZeRO-3 releases its
+        partitioned parameters after the first backward and does not fetch them again."""
+        return self.zero_stage != 3
 
     @property
     def mechanisms_per_step(self) -> int:
@@ -308,10 +312,10 @@ class RunConfig:
             "needs the whole clipped gradient in one process: run it with engine single",
         )
         _require(
-            not self.privacy.enabled or self.privacy.clipping != "two_pass" or self.engine in TWO_PASS_ENGINES,
+            not self.privacy.enabled or self.privacy.clipping != "two_pass" or self.runs_two_pass,
             "privacy.clipping",
-            f"two_pass runs on engines {', '.join(TWO_PASS_ENGINES)} (its second backward reuses the graph, whose gathered "
-            f"weights {self.engine} frees after the first); use book_keeping or auto",
+            "two_pass does not run under DeepSpeed ZeRO-3 (its second backward reuses the graph, whose partitioned "
+            "weights ZeRO-3 releases after the first and does not fetch again); use book_keeping or auto, or ZeRO-2 or FSDP2",
         )
         _require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         if self.precision == "bf16-mixed":

@@ -135,11 +135,12 @@ def test_clipping_mode_resolves_from_checkpointing_and_engine_and_is_refused_whe
     recipe = REPO / "recipes/e2e/tiny_cpu.yaml"
     assert load_config(recipe, []).clipping_mode == "book_keeping"
     assert load_config(recipe, ["model.gradient_checkpointing=true"]).clipping_mode == "two_pass"
-    assert load_config(recipe, ["model.gradient_checkpointing=true", "engine=fsdp"]).clipping_mode == "book_keeping"
-    assert load_config(recipe, ["privacy.clipping=two_pass", "engine=ddp"]).clipping_mode == "two_pass"
-    for engine in (["engine=fsdp"], ["engine=deepspeed", f"deepspeed_config={REPO / 'ds_configs/zero2.json'}"]):
-        with pytest.raises(ConfigError, match="privacy.clipping: two_pass runs on engines single, ddp"):
-            load_config(recipe, ["privacy.clipping=two_pass", *engine])
+    zero = {stage: ["engine=deepspeed", f"deepspeed_config={REPO / f'ds_configs/zero{stage}.json'}"] for stage in (2, 3)}
+    for engine in (["engine=fsdp"], ["engine=ddp"], zero[2]):
+        assert load_config(recipe, ["model.gradient_checkpointing=true", *engine]).clipping_mode == "two_pass"
+    assert load_config(recipe, ["model.gradient_checkpointing=true", *zero[3]]).clipping_mode == "book_keeping"
+    with pytest.raises(ConfigError, match="privacy.clipping: two_pass does not run under DeepSpeed ZeRO-3"):
+        load_config(recipe, ["privacy.clipping=two_pass", *zero[3]])
     with pytest.raises(ConfigError, match="privacy.clipping: must be one of"):
         load_config(recipe, ["privacy.clipping=ghost"])
 

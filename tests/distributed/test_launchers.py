@@ -98,11 +98,12 @@ def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path):
 def test_unequal_and_empty_rank_shares_match_one_process(tmp_path):
     """Poisson batches split unevenly: ranks have different numbers of micro-batches (one rank none
     at all) and must still step together, on every engine, instead of hanging in a per-micro-batch
-    reduce (or a parameter gather of FSDP2 or ZeRO-3)."""
+    reduce (or a parameter gather of FSDP2 or ZeRO-3); FSDP2 with two_pass too, whose sums are
+    handed on in backward-completion order (a rank's padding micro-batch must keep that order)."""
     extra = ["batch_size=3", "micro_batch_size=1", "max_steps=6", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"]
     single = _launch("single", tmp_path / "single", extra)
-    for kind in ("fsdp", "zero3", "deepspeed", "ddp"):
-        run = _launch(kind, tmp_path / kind, extra)
+    for kind, mode in (("fsdp", "auto"), ("fsdp", "two_pass"), ("zero3", "auto"), ("deepspeed", "auto"), ("ddp", "auto")):
+        run = _launch(kind, tmp_path / f"{kind}_{mode}", [*extra, f"privacy.clipping={mode}"])
         sizes = [r["batch_size"] for r in run["rows"] if "batch_size" in r]
         assert any(n % 2 for n in sizes) and any(n <= 1 for n in sizes), sizes  # unequal shares, and an empty one
         for name, value in single["params"].items():

@@ -19,6 +19,8 @@ import yaml
 
 from dpllm.denoise.gradient import DEFAULT_INCLUDE, LORA_INCLUDE
 from dpllm.denoise.rmt import NORM_CORRECTIONS
+from dpllm.privacy.lmo import LMONoise, load_mixture
+from dpllm.privacy.mechanisms import MECHANISMS
 from dpllm.tasks import TASKS
 from dpllm.tasks.glue import GLUE
 
@@ -107,6 +109,11 @@ class PrivacyConfig:
     # activation checkpointing needs; every engine but ZeRO-3). auto: two_pass with
     # model.gradient_checkpointing where the engine allows it, else book_keeping
     clipping: str = "auto"
+    # gaussian (DP-SGD) | lmo (LMO-DP: Laplace noise of random scale, the lmo section's law)
+    mechanism: str = "gaussian"
+    # the norm each sample's gradient is clipped in: l2 (the Gaussian's default) | l1 (lmo's, and
+    # the only one it accepts: its accounting bounds L1 sensitivity)
+    clip_norm: str | None = None
     # The noise streams and the Poisson sampler are seeded from os.urandom unless noise_seed is
     # given; the epsilon then assumes that number stays secret. It is never written to a
     # published file. secure_mode also keeps the seeds out of checkpoints.
@@ -135,6 +142,14 @@ class PrivacyConfig:
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
         _require(self.accountant in ("pld", "rdp"), "privacy.accountant", "must be 'pld' or 'rdp'")
         _require(self.clipping in CLIPPING_MODES, "privacy.clipping", f"must be one of {CLIPPING_MODES}")
+        _require(self.mechanism in MECHANISMS, "privacy.mechanism", f"must be one of {MECHANISMS}")
+        _require(self.clip_norm in (None, "l2", "l1"), "privacy.clip_norm", "must be l2 or l1")
+        _require(
+            self.mechanism != "lmo" or self.clip_norm != "l2",
+            "privacy.clip_norm",
+            "lmo's accounting bounds the L1 sensitivity; an L2 clip allows an L1 norm sqrt(d) times larger "
+            "(leave privacy.clip_norm out or set it to l1)",
+        )
         _require(
             not (self.secure_mode and self.noise_seed is not None),
             "privacy.noise_seed",
@@ -205,6 +220,39 @@ class ZerothOrderConfig:
 
 
 @dataclass
+class LMOConfig:
+    """LMO-DP's law of the inverse noise scale (``privacy.mechanism: lmo``):
+    U = a1 Gamma(k, theta) + a3 Exp(lam) + a4 Uniform(lo, hi). The default, a point mass at 1, is
+    plain Laplace noise. ``mixture``: a file launch/lmo_search.py wrote, used instead of the fields.
+    The noise multiplier (calibrated to the target unless given) scales the law's noise."""
+
+    mixture: str = ""
+    a1: float = 0.0
+    k: float = 1.0
+    theta: float = 1.0
+    a3: float = 0.0
+    lam: float = 1.0
+    a4: float = 1.0
+    lo: float = 1.0
+    hi: float = 1.0
+
+    def law(self) -> LMONoise:
+        if self.mixture:
+            try:
+                return load_mixture(self.mixture)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"lmo.mixture: cannot read a mixture from {self.mixture} ({e})") from None
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mixture"}
+        try:
+            return LMONoise(**fields)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def validate(self) -> None:
+        self.law()
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -216,6 +264,7 @@ class RunConfig:
     # directional derivatives, see the zo section)
     algorithm: str = "dp_sgd"
     zo: ZerothOrderConfig = field(default_factory=ZerothOrderConfig)
+    lmo: LMOConfig = field(default_factory=LMOConfig)
     engine: str = "single"  # single | ddp (torchrun, replicated) | fsdp (torchrun, FSDP2) | deepspeed (ZeRO-1/2/3)
     # fp32 | bf16-mixed: training forwards and backwards under bf16 autocast, weights and optimizer state fp32.
     # Under DeepSpeed its config's bf16 section decides (bf16 weights, fp32 master copy): see run_precision
@@ -263,6 +312,11 @@ class RunConfig:
         return self.zero_stage != 3
 
     @property
+    def clip_norm(self) -> str:
+        """The norm per-sample gradients are clipped in: ``privacy.clip_norm`` or the mechanism's."""
+        return self.privacy.clip_norm or ("l1" if self.privacy.mechanism == "lmo" else "l2")
+
+    @property
     def mechanisms_per_step(self) -> int:
         """Poisson-subsampled Gaussians one step composes: one per zeroth-order direction."""
         return self.zo.directions if self.algorithm == "dp_zo" else 1
@@ -275,6 +329,16 @@ class RunConfig:
     def validate(self) -> None:
         for section in (self.model, self.data, self.privacy, self.denoise, self.optim, self.generation, self.zo):
             section.validate()
+        if self.privacy.mechanism == "lmo":
+            self.lmo.validate()
+            _require(
+                not self.denoise.enabled, "denoise.enabled",
+                "the denoiser's bulk-edge threshold assumes Gaussian noise; with privacy.mechanism=lmo set denoise.enabled=false",
+            )
+            _require(
+                self.algorithm == "dp_sgd", "privacy.mechanism",
+                "lmo noises L1-clipped gradients (algorithm dp_sgd); dp_zo's scalars are accounted as Gaussians",
+            )
         _require(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}")
         if self.algorithm == "dp_zo":
             _require(

@@ -166,3 +166,29 @@ def test_zeroth_order_refuses_what_it_cannot_do(overrides, key, monkeypatch):
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ConfigError, match="algorithm: must be one of"):
         load_config(REPO / "recipes/e2e/tiny_cpu.yaml", ["algorithm=zo"])
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["privacy.clip_norm=l2"], "privacy.clip_norm: lmo's accounting bounds the L1 sensitivity"),
+        (["denoise.enabled=true"], "denoise.enabled: the denoiser's bulk-edge threshold assumes Gaussian noise"),
+        (["algorithm=dp_zo"], "privacy.mechanism: lmo noises L1-clipped gradients"),
+        (["lmo.a1=-0.5"], "lmo.a1 must be a finite weight >= 0"),
+        (["lmo.a1=1", "lmo.theta=0"], "lmo.theta must be finite and > 0"),
+        (["lmo.a4=0"], "U is 0"),
+        (["lmo.mixture=missing.json"], "lmo.mixture: cannot read"),
+    ],
+)
+def test_lmo_refuses_what_its_guarantee_does_not_cover(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(REPO / "recipes/e2e/tiny_cpu.yaml", ["privacy.mechanism=lmo", *overrides])
+
+
+def test_clip_norm_follows_the_mechanism():
+    tiny = REPO / "recipes/e2e/tiny_cpu.yaml"
+    assert load_config(tiny).clip_norm == "l2"
+    assert load_config(tiny, ["privacy.mechanism=lmo"]).clip_norm == "l1"
+    assert load_config(tiny, ["privacy.clip_norm=l1"]).clip_norm == "l1"  # sound for the Gaussian too: L2 <= L1
+    with pytest.raises(ConfigError, match="privacy.mechanism: must be one of"):
+        load_config(tiny, ["privacy.mechanism=laplace"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dpllm.privacy import lmo
 from dpllm.privacy.accounting import check_arguments, composed_pld, epsilon_of_history, step_pld
 
 
@@ -58,7 +59,7 @@ class PrivacyAccountant:
         return sum(n for _, _, n in self.history)
 
     def step(self, noise_multiplier: float, sample_rate: float, count: int = 1) -> None:
-        check_arguments(noise_multiplier, sample_rate, count, self.delta, self.accountant)
+        self._check(noise_multiplier, sample_rate, count)
         if self.history and self.history[-1][:2] == [noise_multiplier, sample_rate]:
             self.history[-1][2] += count
         else:
@@ -70,6 +71,12 @@ class PrivacyAccountant:
             self._cached = (key, self._epsilon_now())
         return self._cached[1]
 
+    def _check(self, noise_multiplier: float, sample_rate: float, count: int) -> None:
+        check_arguments(noise_multiplier, sample_rate, count, self.delta, self.accountant)
+
+    def _epsilon_of(self, history: list[tuple]) -> float:
+        return epsilon_of_history(history, self.delta, self.accountant)
+
     def _epsilon_now(self) -> float:
         segments = [tuple(h) for h in self.history if h[2] > 0]
         if self.accountant != "pld" or not segments or any(s == 0 for s, _, _ in segments):
@@ -78,8 +85,7 @@ class PrivacyAccountant:
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, count: int = 1) -> float:
         """Epsilon if ``count`` more such steps ran (for the budget guard); the history is unchanged."""
-        history = [tuple(h) for h in self.history] + [(noise_multiplier, sample_rate, count)]
-        return epsilon_of_history(history, self.delta, self.accountant)
+        return self._epsilon_of([tuple(h) for h in self.history] + [(noise_multiplier, sample_rate, count)])
 
     def steps_within(self, noise_multiplier: float, sample_rate: float, target_epsilon: float, limit: int) -> int:
         """How many more such steps (at most ``limit``) keep the total epsilon within the target."""
@@ -95,9 +101,21 @@ class PrivacyAccountant:
         return lo
 
     def state_dict(self) -> dict:
-        return {"delta": self.delta, "accountant": self.accountant, "history": [list(h) for h in self.history]}
+        state = {"delta": self.delta, "accountant": self.accountant, "history": [list(h) for h in self.history]}
+        mechanism = self._mechanism_state()
+        return state if mechanism is None else {**state, "mechanism": mechanism}
+
+    def _mechanism_state(self) -> dict | None:
+        """What the history's noise multipliers are multipliers of (None: the Gaussian)."""
+        return None
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("mechanism") != self._mechanism_state():
+            # not even an accepted mismatch can compose a history of another mechanism's steps
+            raise ValueError(
+                f"the checkpoint's steps ran mechanism {state.get('mechanism') or 'gaussian'}, this run's is "
+                f"{self._mechanism_state() or 'gaussian'}: its history cannot be accounted here"
+            )
         if state["delta"] != self.delta or state["accountant"] != self.accountant:
             raise ValueError(
                 f"checkpoint accountant ({state['accountant']}, delta={state['delta']}) differs from this run's "
@@ -105,3 +123,28 @@ class PrivacyAccountant:
             )
         self.history = [list(h) for h in state["history"]]
         self._cached = None
+
+
+class LMOAccountant(PrivacyAccountant):
+    """The same history for LMO-DP steps: a step at noise multiplier ``s`` is ``law.scaled(1/s)``
+    at L1 sensitivity 1 (the noise and the clipping bound share the unit C), accounted with lmo.py's
+    RDP bound."""
+
+    def __init__(self, delta: float, law: lmo.LMONoise) -> None:
+        super().__init__(delta)
+        self.accountant = "lmo-rdp"
+        self.law = law
+
+    def _check(self, noise_multiplier: float, sample_rate: float, count: int) -> None:
+        if not 0 < noise_multiplier < float("inf"):
+            raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier}")
+        lmo.check_arguments(1.0, sample_rate, count, self.delta)
+
+    def _epsilon_of(self, history: list[tuple]) -> float:
+        return lmo.epsilon_of_history([(self.law.scaled(1 / s), q, n) for s, q, n in history], self.delta)
+
+    def _epsilon_now(self) -> float:
+        return self._epsilon_of([tuple(h) for h in self.history])
+
+    def _mechanism_state(self) -> dict:
+        return {"lmo": self.law.to_dict()}

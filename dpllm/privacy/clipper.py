@@ -9,7 +9,9 @@ gradient of each layer's output reaches its tap, the layer's rule turns it and t
 per-sample contributions (ghost factors, or the per-sample gradient itself when that is
 cheaper). Squared norms are added per sample (for a parameter used by several layers, such as
 tied embeddings, the norm of the *sum*, cross terms included), giving clip factors
-``min(1, C / ||g_i||)``.
+``min(1, C / ||g_i||)``. ``norm="l1"`` (what Laplace-type noise needs) adds per-layer L1 norms
+instead; they have no Gram shortcut, so each layer's per-sample gradients are built (in chunks)
+and dropped; two_pass then holds one layer's at a time.
 
 ``book_keeping`` keeps every layer's contributions until the end of that backward, then forms
 the clipped sums from them. ``two_pass`` reduces each layer's contributions to per-sample
@@ -35,6 +37,7 @@ from dpllm.privacy.rules import UnsupportedModuleError, find_rule
 
 STRATEGIES = ("auto", "ghost", "direct")
 MODES = ("book_keeping", "two_pass")
+NORMS = ("l2", "l1")
 
 
 @dataclass
@@ -67,7 +70,8 @@ class PerSampleClipper:
 
     ``strategy``: "auto" picks ghost norms or direct per-sample gradients per layer (whichever
     is cheaper), "ghost" and "direct" force one. ``mode``: "book_keeping" (one backward) or
-    "two_pass" (a second backward; see the module docstring). ``verify_first_backward`` compares, once, the
+    "two_pass" (a second backward; see the module docstring). ``norm``: "l2" or "l1", the norm
+    each sample's whole gradient is clipped in. ``verify_first_backward`` compares, once, the
     unclipped sum rebuilt from the hooks with autograd's own batch gradient; a mismatch means a
     parameter is used outside the module that owns it, and raises rather than under-clipping.
     """
@@ -78,6 +82,7 @@ class PerSampleClipper:
         max_grad_norm: float,
         strategy: str = "auto",
         mode: str = "book_keeping",
+        norm: str = "l2",
         verify_first_backward: bool = True,
         grad_sink: Callable[[str, Tensor | None], None] | None = None,
     ) -> None:
@@ -93,9 +98,12 @@ class PerSampleClipper:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.max_grad_norm = float(max_grad_norm)
         self.strategy = strategy
         self.mode = mode
+        self.norm = norm
         self._verify = verify_first_backward
         self._calls: list[_Call] = []
         self._collected: dict[str, list[C.Contribution]] = {}
@@ -250,9 +258,10 @@ class PerSampleClipper:
         two_pass = self.mode == "two_pass"  # its one-time check runs in the second pass
         loss = per_sample_loss[keep].sum()
         dummies = [c.dummy for c in calls]
-        sq_norms = torch.zeros(bsz, dtype=acc_dtype, device=device)
+        # per-sample sums over parameters of squared L2 norms, or of L1 norms
+        parts = torch.zeros(bsz, dtype=acc_dtype, device=device)
         if two_pass:
-            self._stream = _Stream(self._uses(calls), sq_norms)
+            self._stream = _Stream(self._uses(calls), parts, self._norm_part)
         self._calls, self._collected, self._collecting = calls, {}, True
         try:
             if verify and not two_pass:
@@ -270,10 +279,10 @@ class PerSampleClipper:
 
         gram_cache: dict = {}
         for contribs in groups.values():
-            sq_norms += self._squared_norm(contribs, gram_cache)
+            parts += self._norm_part(contribs, gram_cache)
         del gram_cache
-        keep = keep & torch.isfinite(sq_norms)  # a new tensor: the first pass indexed the loss with the old one
-        norms = sq_norms.clamp_min(0).sqrt()
+        keep = keep & torch.isfinite(parts)  # a new tensor: the first pass indexed the loss with the old one
+        norms = parts.clamp_min(0).sqrt() if self.norm == "l2" else parts
         factors = torch.where(
             keep, (self.max_grad_norm / norms).clamp(max=1.0).nan_to_num(1.0), torch.zeros_like(norms)
         )
@@ -361,9 +370,15 @@ class PerSampleClipper:
         return add
 
     def _direct(self, c: C.Outer) -> bool:
+        if self.norm == "l1":  # its norms build the per-sample gradients in chunks and drop them
+            return False
         if self.strategy == "auto":
             return c.prefers_direct()
         return self.strategy == "direct"
+
+    def _norm_part(self, contribs: list[C.Contribution], cache: dict) -> Tensor:
+        """One parameter's share of each sample's norm: its squared L2 norm, or its L1 norm."""
+        return self._squared_norm(contribs, cache) if self.norm == "l2" else C.l1_norms(contribs)
 
     @staticmethod
     def _squared_norm(contribs: list[C.Contribution], cache: dict) -> Tensor:
@@ -421,11 +436,11 @@ class PerSampleClipper:
 
 class _Stream:
     """two_pass: reduces each parameter's contributions as they arrive, once its last use is in.
-    First pass: per-sample squared norms (added into ``sq_norms``). Second pass: the clipped sum,
-    handed on at once."""
+    First pass: each parameter's share of the per-sample norms (``norm_part``, added into
+    ``parts``). Second pass: the clipped sum, handed on at once."""
 
-    def __init__(self, uses: dict[str, int], sq_norms: Tensor) -> None:
-        self.uses, self.sq_norms = uses, sq_norms
+    def __init__(self, uses: dict[str, int], parts: Tensor, norm_part) -> None:
+        self.uses, self.parts, self.norm_part = uses, parts, norm_part
         self.pending: dict[str, int] = dict(uses)
         self.kept: dict = {}  # what came of the parameters whose other uses are still to come
         self.gram_cache: dict = {}  # layers fed the same input (q/k/v) arrive one after another
@@ -471,7 +486,7 @@ class _Stream:
             self.gram_cache.clear()
             self.gram_sources.clear()
         self.gram_sources.extend(c.right for c in value if isinstance(c, C.Outer))
-        self.sq_norms += PerSampleClipper._squared_norm(value, self.gram_cache)
+        self.parts += self.norm_part(value, self.gram_cache)
 
     def finish(self) -> None:
         """Parameters some of whose uses got no gradient: reduce what came."""

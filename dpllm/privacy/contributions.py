@@ -167,3 +167,51 @@ def weighted_sum(c: Contribution, weights: Tensor, scaled: dict | None = None, o
         return left.reshape(-1, m).t().mm(right.reshape(-1, n))
     out.view(m, n).addmm_(left.reshape(-1, m).t(), right.reshape(-1, n))
     return out
+
+
+L1_CHUNK = 1 << 24  # per-sample gradient entries built at once for L1 norms
+
+
+def _samples(c: Contribution, start: int, stop: int) -> Contribution:
+    if isinstance(c, Dense):
+        return Dense(c.value[start:stop])
+    return Outer(c.left[start:stop], c.right[start:stop], c.onehot_dim)
+
+
+def l1_norms(contribs: list[Contribution]) -> Tensor:
+    """Per-sample L1 norms of the sum of ``contribs`` (one parameter's), shape (B,).
+
+    L1 has no Gram shortcut: the per-sample gradients are built, at most ``L1_CHUNK`` entries at a
+    time. Embedding lookups alone (one-hot left factors) are summed per distinct (sample, id) row
+    instead, so a vocabulary-sized per-sample table is never built for them."""
+    if all(isinstance(c, Outer) and c.onehot_dim is not None for c in contribs):
+        return _onehot_l1(contribs)
+    first = contribs[0]
+    bsz = _batch_of(first)
+    numel = first.value[0].numel() if isinstance(first, Dense) else first.shape[0] * first.shape[1]
+    per = max(1, L1_CHUNK // max(numel, 1))
+    out = []
+    for start in range(0, bsz, per):
+        total = None
+        for c in contribs:
+            part = _samples(c, start, start + per)
+            value = (materialize(part) if isinstance(part, Outer) else part).value.reshape(_batch_of(part), -1)
+            total = value if total is None else total + value
+        out.append(total.abs().sum(1))
+    return torch.cat(out)
+
+
+def _batch_of(c: Contribution) -> int:
+    return c.value.shape[0] if isinstance(c, Dense) else c.right.shape[0]
+
+
+def _onehot_l1(contribs: list[Outer]) -> Tensor:
+    m = contribs[0].onehot_dim
+    bsz, n = contribs[0].right.shape[0], contribs[0].right.shape[-1]
+    offsets = m * torch.arange(bsz, device=contribs[0].left.device).unsqueeze(1)
+    keys = torch.cat([(c.left + offsets).reshape(-1) for c in contribs])
+    values = torch.cat([c.right.reshape(-1, n) for c in contribs])
+    rows, index = torch.unique(keys, return_inverse=True)
+    summed = torch.zeros(rows.numel(), n, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    out = torch.zeros(bsz, dtype=values.dtype, device=values.device)
+    return out.index_add_(0, torch.div(rows, m, rounding_mode="floor"), summed.abs().sum(1))

@@ -1,4 +1,5 @@
-"""Gaussian noise for the clipped sum, from counter-keyed streams.
+"""Noise for the clipped sum, from counter-keyed streams: Gaussian here, the Laplace mixture of
+LMO-DP in lmo.py, both on the same streams.
 
 Each parameter's noise at step ``t`` is drawn in chunks of ``CHUNK`` entries, chunk ``k`` from
 its own generator seeded by hash(base seed, step, parameter name, k). The noise therefore
@@ -34,14 +35,20 @@ CHUNK = 1 << 20  # entries per stream
 SERIAL_SLICE = 1 << 15
 
 
-class GaussianNoise:
+class KeyedNoise:
+    """Adds ``scale`` times standard draws (``_draw``, one mechanism's) to named tensors, each
+    chunk from its keyed stream. ``clip_norms``: the per-sample clips whose sensitivity the
+    mechanism's accounting covers."""
+
+    clip_norms: tuple[str, ...] = ()
+
     def __init__(self, noise_multiplier: float, max_grad_norm: float, seed: int | None = None, secure: bool = False):
         """``seed``: the secret base seed (default: drawn from ``os.urandom``); ``secure``: never save it."""
         if not 0 <= noise_multiplier < math.inf:
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
         if not 0 < max_grad_norm < math.inf:
             raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
-        self.std = noise_multiplier * max_grad_norm
+        self.scale = noise_multiplier * max_grad_norm
         self.secure = secure
         self._seed = secret_seed() if seed is None else int(seed)
         self._pool: ThreadPoolExecutor | None = None
@@ -52,7 +59,7 @@ class GaussianNoise:
         return int.from_bytes(digest, "little") & (2**63 - 1)
 
     def add_(self, step: int, targets: dict[str, Tensor], workers: int | None = None) -> None:
-        """``targets[name] += N(0, std^2)`` per entry, in place, drawn in fp32 at least.
+        """``targets[name] += scale * draw`` per entry, in place, drawn in fp32 at least.
 
         ``workers``: threads drawing CPU chunks (default: torch's intra-op thread count); the
         result is the same for any number.
@@ -87,14 +94,17 @@ class GaussianNoise:
         list(self._threads(width).map(run, jobs))
 
     def _draw_and_add(self, slot: tuple[torch.Generator, Tensor], job: tuple[int, Tensor]) -> None:
-        """target += std * (standard normals from the job's stream), one buffer-full at a time."""
+        """target += scale * (standard draws from the job's stream), one buffer-full at a time."""
         generator, buffer = slot
         seed, target = job
         generator.manual_seed(seed)
         for start in range(0, target.numel(), buffer.numel()):
             piece = target[start : start + buffer.numel()]
-            drawn = buffer[: piece.numel()].normal_(generator=generator)
-            piece.add_(drawn, alpha=self.std)
+            piece.add_(self._draw(generator, buffer[: piece.numel()]), alpha=self.scale)
+
+    def _draw(self, generator: torch.Generator, buffer: Tensor) -> Tensor:
+        """``buffer`` filled with the mechanism's draws at scale 1, from ``generator``."""
+        raise NotImplementedError
 
     def _slot(self, like: Tensor, size: int) -> tuple[torch.Generator, Tensor]:
         dtype = torch.promote_types(like.dtype, torch.float32)
@@ -122,3 +132,20 @@ class GaussianNoise:
 
     def load_state_dict(self, state: dict) -> None:
         self._seed = int(state["seed"])
+
+
+class GaussianNoise(KeyedNoise):
+    """N(0, (noise_multiplier * max_grad_norm)^2) per entry; an L1 clip bounds the L2 norm too."""
+
+    clip_norms = ("l2", "l1")
+
+    @property
+    def std(self) -> float:
+        return self.scale
+
+    @std.setter
+    def std(self, value: float) -> None:
+        self.scale = value
+
+    def _draw(self, generator: torch.Generator, buffer: Tensor) -> Tensor:
+        return buffer.normal_(generator=generator)

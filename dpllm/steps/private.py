@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dpllm.denoise.gradient import GradBuffer, GradientDenoiser, cosine
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
-from dpllm.privacy.noise import GaussianNoise
+from dpllm.privacy.noise import GaussianNoise, KeyedNoise
 from dpllm.steps.batches import MicroBatch
 
 
@@ -64,7 +64,7 @@ class PrivateStep(_BackwardStep):
         optimizer: torch.optim.Optimizer,
         *,
         max_grad_norm: float,
-        noise: GaussianNoise,
+        noise: KeyedNoise,
         noise_multiplier: float,
         sample_rate: float,
         expected_batch_size: float,
@@ -83,11 +83,19 @@ class PrivateStep(_BackwardStep):
             raise ValueError(f"noise_multiplier must be > 0 for a private step, got {noise_multiplier}")
         if not expected_batch_size > 0:
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
-        if not math.isclose(noise.std, noise_multiplier * max_grad_norm, rel_tol=1e-12):
+        if not math.isclose(noise.scale, noise_multiplier * max_grad_norm, rel_tol=1e-12):
             raise ValueError(
-                f"the noise's std {noise.std} is not noise_multiplier * max_grad_norm = "
+                f"the noise's scale {noise.scale} is not noise_multiplier * max_grad_norm = "
                 f"{noise_multiplier * max_grad_norm}: the accountant would report a privacy the run does not have"
             )
+        norm = (clipper_options or {}).get("norm", "l2")
+        if norm not in noise.clip_norms:
+            raise ValueError(
+                f"{type(noise).__name__} is accounted at the sensitivity of a {' or '.join(noise.clip_norms)} clip, "
+                f"and the clipper bounds the {norm} norm"
+            )
+        if denoiser_options is not None and not isinstance(noise, GaussianNoise):
+            raise ValueError(f"denoising assumes Gaussian noise (its threshold is the Gaussian bulk edge), not {type(noise).__name__}")
         self.sums: dict[str, Tensor] = {}  # name -> this logical batch's clipped sum, fp32 at least
         self.clipper = PerSampleClipper(
             model, max_grad_norm=max_grad_norm, strategy=strategy, grad_sink=self.accumulate, **(clipper_options or {})

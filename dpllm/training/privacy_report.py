@@ -14,12 +14,10 @@ from pathlib import Path
 
 MECHANISMS = {
     "dp_sgd": "Poisson-subsampled Gaussian (DP-SGD)",
+    "lmo": "Poisson-subsampled Laplace of random scale (LMO-DP; inverse scale {law})",
     "dp_zo": "Poisson-subsampled Gaussian, {k} per step (DP zeroth-order: one per direction, each on its own sample)",
 }
-CLIPPING = {
-    "dp_sgd": "per-sample L2 norm of the whole gradient",
-    "dp_zo": "per-sample directional derivative (l(theta + mu z) - l(theta - mu z)) / (2 mu), clamped to [-C, C]",
-}
+ZO_CLIPPING = "per-sample directional derivative (l(theta + mu z) - l(theta - mu z)) / (2 mu), clamped to [-C, C]"
 
 
 def privacy_report(
@@ -28,21 +26,26 @@ def privacy_report(
     p = config.privacy
     if not p.enabled:
         return {"private": False, "note": "trained without differential privacy (privacy.enabled=false)"}
+    lmo = p.mechanism == "lmo"
+    kind = "lmo" if lmo else config.algorithm
+    clipping = ZO_CLIPPING if config.algorithm == "dp_zo" else f"per-sample {config.clip_norm.upper()} norm of the whole gradient"
     return {
         "private": True,
         "epsilon": accountant.epsilon(),
         "delta": plan.delta,
-        "accountant": f"{p.accountant} (dp-accounting)",
-        "mechanism": MECHANISMS[config.algorithm].format(k=config.mechanisms_per_step),
+        "accountant": "RDP (Zhu & Wang's Poisson subsampling bound; dpllm.privacy.lmo)" if lmo else f"{p.accountant} (dp-accounting)",
+        "mechanism": MECHANISMS[kind].format(k=config.mechanisms_per_step, law=config.lmo.law().to_dict() if lmo else None),
         "algorithm": config.algorithm,
         "adjacency": "add or remove one training row",
         "noise_multiplier": plan.noise_multiplier,
+        "noise": "noise_multiplier * C * Laplace(0, 1/U) per coordinate, a fresh U for each" if lmo
+        else "N(0, (noise_multiplier * C)^2) per coordinate",
         "sample_rate": plan.sample_rate,
         "steps": accountant.steps // config.mechanisms_per_step,
         "mechanisms_per_step": config.mechanisms_per_step,
         "history": accountant.state_dict()["history"],
         "max_grad_norm": p.max_grad_norm,
-        "clipping": CLIPPING[config.algorithm],
+        "clipping": clipping,
         "unit": "one training row",
         "duplicate_rows": duplicates,
         "engine": engine,
@@ -63,7 +66,7 @@ def _markdown(r: dict) -> str:
     lines = [
         "# Privacy",
         "",
-        f"Trained with {'DP zeroth-order steps' if r['algorithm'] == 'dp_zo' else 'DP-SGD'}: ({r['epsilon']:.4g}, {r['delta']:.3g})-differential privacy for **{r['unit']}** "
+        f"Trained with {'DP zeroth-order steps' if r['algorithm'] == 'dp_zo' else 'DP-SGD'} ({r['noise']}): ({r['epsilon']:.4g}, {r['delta']:.3g})-differential privacy for **{r['unit']}** "
         f"({r['adjacency']}), from the {r['accountant']} accountant of the {r['mechanism']} mechanism.",
         "",
         f"- {r['steps']} steps of {r['mechanisms_per_step']} mechanism(s), Poisson sampling at rate {r['sample_rate']:.4g}, noise multiplier "

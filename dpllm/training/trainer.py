@@ -21,11 +21,9 @@ from dpllm.distributed.saving import save_streaming
 from dpllm.distributed.zero3 import partition_from_rank0
 from dpllm.lm import IGNORE_INDEX
 from dpllm.models import load_model_and_tokenizer, pad_token_id
-from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.clipper import PerSampleClipper
-from dpllm.privacy.accounting import calibrate_noise_multiplier, compute_epsilon, max_steps_within
+from dpllm.privacy.mechanisms import GaussianMechanism, LMOMechanism
 from dpllm.privacy.mixing import check_per_sample
-from dpllm.privacy.noise import GaussianNoise
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
 from dpllm.privacy.seeds import derive, secret_seed
 from dpllm.steps import MicroBatch, NonPrivateStep, PrivateStep, ShardedPrivateStep, ZerothOrderStep
@@ -48,9 +46,17 @@ class PrivacyPlan:
     planned_epsilon: float
 
 
+def mechanism_of(config: RunConfig) -> GaussianMechanism | LMOMechanism:
+    """The noise mechanism ``privacy.mechanism`` names: its math, accountant and sampler."""
+    if config.privacy.mechanism == "lmo":
+        return LMOMechanism(config.lmo.law())
+    return GaussianMechanism(config.privacy.accountant)
+
+
 def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
-    """Sample rate, steps and sigma for the run; errors if the target budget cannot be met. A step
-    composes ``config.mechanisms_per_step`` Poisson-subsampled Gaussians (zeroth-order directions)."""
+    """Sample rate, steps and noise multiplier for the run; errors if the target budget cannot be
+    met. A step composes ``config.mechanisms_per_step`` Poisson-subsampled mechanisms
+    (zeroth-order directions)."""
     if config.batch_size > num_examples:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {num_examples} training examples")
     q = config.batch_size / num_examples
@@ -62,12 +68,13 @@ def plan_privacy(config: RunConfig, num_examples: int) -> PrivacyPlan:
     if delta >= 1.0 / num_examples:
         log.warning("privacy.delta=%g is not below 1/N=%g: such a guarantee allows releasing a whole example", delta, 1 / num_examples)
     per_step = config.mechanisms_per_step
+    mechanism = mechanism_of(config)
     sigma = p.noise_multiplier
     if sigma is None:
-        sigma = calibrate_noise_multiplier(p.target_epsilon, delta, q, steps * per_step, p.accountant)
-    eps = compute_epsilon(sigma, q, steps * per_step, delta, p.accountant)
+        sigma = mechanism.calibrate(p.target_epsilon, delta, q, steps * per_step)
+    eps = mechanism.epsilon(sigma, q, steps * per_step, delta)
     if p.target_epsilon is not None and eps > p.target_epsilon:
-        fits = max_steps_within(sigma, q, delta, p.target_epsilon, p.accountant, limit=steps * per_step) // per_step
+        fits = mechanism.max_steps_within(sigma, q, delta, p.target_epsilon, limit=steps * per_step) // per_step
         raise ValueError(
             f"the plan ({steps} steps of {per_step} mechanism(s) at noise multiplier {sigma:g}, sample rate {q:g}) spends "
             f"epsilon {eps:.4g} > privacy.target_epsilon={p.target_epsilon:g}; at most {fits} steps fit: lower "
@@ -151,7 +158,8 @@ def train(config: RunConfig) -> dict:
     zeroth_order = config.algorithm == "dp_zo"  # no backward: no optimizer, no clipper
     optimizer = None if partitioned or zeroth_order else _optimizer(config, _trainable(model))
     expected_batch = plan.sample_rate * len(train_data)
-    accountant = PrivacyAccountant(plan.delta, p.accountant)
+    mechanism = mechanism_of(config)
+    accountant = mechanism.accountant(plan.delta)
     # The root of the sample and the noise: rank 0's, secret unless the user fixed it.
     root = env.broadcast_int(p.noise_seed if p.noise_seed is not None else secret_seed())
     if p.enabled and env.is_main:  # on the whole model (rank 0's, before sharding)
@@ -160,13 +168,13 @@ def train(config: RunConfig) -> dict:
         with _autocast(config, device):  # the checks run the forward that training runs
             check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
         if config.engine != "single" and not zeroth_order:  # before any engine wraps (or partitions) the model
-            _check_clipping(model, objective, rows, pad_id, p.max_grad_norm, _autocast(config, device))
+            _check_clipping(model, objective, rows, pad_id, p.max_grad_norm, config.clip_norm, _autocast(config, device))
     if p.enabled and p.noise_seed is not None:
         log.warning(
             "privacy.noise_seed is set: the reported epsilon assumes that number stays secret "
             "(whoever knows it can replay the noise); it is not written to any published file"
         )
-    stepper = _build_step(config, env, model, optimizer, device, plan, accountant, root, expected_batch)
+    stepper = _build_step(config, env, model, optimizer, device, plan, mechanism, accountant, root, expected_batch)
     sampler = PoissonSampler(len(train_data), plan.sample_rate, seed=derive(root, "sampler"), secure=p.secure_mode)
     metrics = MetricsLog(out, enabled=env.is_main, diagnostics=p.diagnostics_log)
     if env.is_main:
@@ -183,7 +191,7 @@ def train(config: RunConfig) -> dict:
     }
     noise = stepper.noise if p.enabled else None
     privacy_context = checkpoint.PrivacyContext(
-        private=p.enabled, num_train_examples=len(train_data), delta=plan.delta, accountant=p.accountant,
+        private=p.enabled, num_train_examples=len(train_data), delta=plan.delta, accountant=mechanism.accountant_name,
         train_data_sha256=_fingerprint(train_data),
     )
 
@@ -292,8 +300,10 @@ def train(config: RunConfig) -> dict:
         "delta": plan.delta,
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
-        "accountant": p.accountant,
+        "accountant": mechanism.accountant_name,
+        "mechanism": p.mechanism,
         "clipping": config.clipping_mode if p.enabled else None,
+        "clip_norm": config.clip_norm if p.enabled else None,
         "precision": config.run_precision,
         "world_size": env.world_size,
         "seed_secret": p.noise_seed is None,
@@ -389,11 +399,13 @@ def _autocast(config: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float, autocast) -> None:
+def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float, norm: str, autocast) -> None:
     """One clipped backward with the clipper's check against autograd, then nothing kept (the
     clipped sums are dropped as formed, the check holds one parameter's gradient at a time).
     Any two rows check the rules; the caller gives short ones (see _probe_rows)."""
-    clipper = PerSampleClipper(model, max_grad_norm=max_grad_norm, verify_first_backward=True, grad_sink=lambda name, sum_: None)
+    clipper = PerSampleClipper(
+        model, max_grad_norm=max_grad_norm, norm=norm, verify_first_backward=True, grad_sink=lambda name, sum_: None
+    )
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in objective.collate(examples, pad_id).items()}
     with autocast:
@@ -405,13 +417,13 @@ def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: i
         raise ValueError("the clipper's startup check could not run: a probe row's loss or gradient is not finite")
 
 
-def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyPlan, accountant, root: int, expected_batch: float):
+def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyPlan, mechanism, accountant, root: int, expected_batch: float):
     """The step the config asks for: DP-SGD (one process or sharded), DP zeroth-order, or the
     non-private baseline; partitioning engines shard the model here."""
     p = config.privacy
     if not p.enabled:  # engine single (config validation)
         return NonPrivateStep(model, optimizer, expected_batch_size=expected_batch)
-    noise = GaussianNoise(plan.noise_multiplier, p.max_grad_norm, seed=derive(root, "noise"), secure=p.secure_mode)
+    noise = mechanism.noise(plan.noise_multiplier, p.max_grad_norm, seed=derive(root, "noise"), secure=p.secure_mode)
     common = dict(
         max_grad_norm=p.max_grad_norm,
         noise=noise,
@@ -435,9 +447,10 @@ def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyP
         denoise_every=config.denoise.every,
         denoise_start=config.denoise.start,
         diagnostics=config.denoise.diagnostics,
-        clipper_options={"mode": config.clipping_mode},
+        clipper_options={"mode": config.clipping_mode, "norm": config.clip_norm},
     )
-    log.info("per-sample clipping: %s (privacy.clipping=%s)", config.clipping_mode, p.clipping)
+    log.info("per-sample clipping: %s, %s norm (privacy.clipping=%s); noise: %s", config.clipping_mode, config.clip_norm,
+             p.clipping, p.mechanism)
     if config.denoise.diagnostics:
         log.warning(
             "denoise.diagnostics is on: diagnostics/metrics.jsonl will hold cosines to the clipped, pre-noise "

@@ -274,3 +274,19 @@ def test_zeroth_order_on_two_processes_matches_one(tmp_path):
         assert sizes == [r["batch_size"] for r in single["rows"] if "batch_size" in r] and any(n % 2 for n in sizes)
         for name, value in single["params"].items():
             torch.testing.assert_close(run["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")
+
+
+@pytest.mark.slow
+def test_lmo_on_two_processes_matches_one(tmp_path):
+    """LMO-DP's Laplace noise of random scale comes from the same keyed streams as the Gaussian's,
+    and its L1 clip runs in the same clipper: FSDP2 (two_pass) and ZeRO-2 end where one process ends."""
+    extra = ["privacy.mechanism=lmo", "lmo.a1=0.5", "lmo.k=2", "lmo.a4=0.5", "lmo.lo=0.5", "lmo.hi=1.5", "batch_size=5", "micro_batch_size=2"]
+    single = _launch("single", tmp_path / "single", extra)
+    assert single["summary"]["mechanism"] == "lmo" and single["summary"]["clip_norm"] == "l1"
+    start = load_file(REPO / "assets/models/stories260K/model.safetensors")
+    assert max(float((single["params"][n] - start[n]).abs().max()) for n in start) > 1e-4  # it did train
+    for kind, more in (("fsdp", ["privacy.clipping=two_pass"]), ("deepspeed", [])):
+        run = _launch(kind, tmp_path / kind, extra + more)
+        assert run["summary"]["world_size"] == 2 and run["summary"]["epsilon"] == single["summary"]["epsilon"]
+        for name, value in single["params"].items():
+            torch.testing.assert_close(run["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")

@@ -375,9 +375,9 @@ def test_two_pass_holds_the_inputs_of_cached_grams():
     import weakref
 
     from dpllm.privacy import contributions as contrib
-    from dpllm.privacy.clipper import _Stream
+    from dpllm.privacy.clipper import PerSampleClipper, _Stream
 
-    stream = _Stream({"q": 1, "k": 1}, torch.zeros(2, dtype=torch.float64))
+    stream = _Stream({"q": 1, "k": 1}, torch.zeros(2, dtype=torch.float64), PerSampleClipper._squared_norm)
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     alive = weakref.ref(x)
     stream.add("q", contrib.Outer(torch.randn(2, 5, 4, dtype=torch.float64), x))

@@ -347,3 +347,31 @@ def test_a_model_that_mixes_samples_is_refused_at_startup(tmp_path, local_models
     monkeypatch.setattr(trainer, "load_model_and_tokenizer", mixing)
     with pytest.raises(UnsupportedModuleError, match=r"model\.layers\.1\.mlp\.act_fn\.1' \(BatchCentering\) mixes samples"):
         run(tmp_path, local_models["llama"], *algorithm)
+
+
+def test_lmo_tiny_recipe_through_the_launcher_reports_its_sound_epsilon(tmp_path):
+    """The README's tiny E2E recipe with privacy.mechanism=lmo at target epsilon 8: the epsilon
+    written is lmo.py's bound for the steps that ran, at most 8, never below dp-accounting's PLD
+    of the Poisson-subsampled Laplace mechanism (the default law is a point mass), and final/ is saved."""
+    import logging
+
+    from dp_accounting.pld import privacy_loss_distribution as pld_lib
+
+    from dpllm.privacy import lmo
+    from tests.launchers import TINY, command, run as launch
+
+    out = tmp_path / "lmo"
+    done = launch(command("single", ["privacy.mechanism=lmo", "privacy.target_epsilon=8", *TINY, "max_steps=4", f"output_dir={out}"]))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    s, q, delta = summary["noise_multiplier"], 16 / 200, 1 / 400
+    assert (summary["mechanism"], summary["clip_norm"], summary["accountant"], summary["steps"]) == ("lmo", "l1", "lmo-rdp", 4)
+    expected = lmo.epsilon(lmo.LMONoise.point_mass(1.0).scaled(1 / s), 1.0, q, 4, delta)
+    assert summary["epsilon"] == pytest.approx(expected, rel=1e-12) and 0.99 * 8 <= summary["epsilon"] <= 8
+    logging.getLogger().setLevel(logging.ERROR)
+    pld = pld_lib.from_laplace_mechanism(s, sensitivity=1.0, sampling_prob=q, value_discretization_interval=1e-4)
+    assert summary["epsilon"] >= pld.self_compose(4).get_epsilon_for_delta(delta)
+    report = json.loads((out / "final/privacy.json").read_text())
+    assert report["clipping"] == "per-sample L1 norm of the whole gradient" and "Laplace" in report["mechanism"]
+    trained = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert all(torch.isfinite(p).all() for p in trained.parameters())

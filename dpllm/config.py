@@ -266,7 +266,8 @@ class RunConfig:
     zo: ZerothOrderConfig = field(default_factory=ZerothOrderConfig)
     lmo: LMOConfig = field(default_factory=LMOConfig)
     engine: str = "single"  # single | ddp (torchrun, replicated) | fsdp (torchrun, FSDP2) | deepspeed (ZeRO-1/2/3)
-    # fp32 | bf16-mixed: training forwards and backwards under bf16 autocast, weights and optimizer state fp32.
+    # fp32 | bf16-mixed: training forwards and backwards under bf16 autocast, weights and optimizer state fp32
+    # (FSDP2 also gathers its units in bf16, through its MixedPrecisionPolicy).
     # Under DeepSpeed its config's bf16 section decides (bf16 weights, fp32 master copy): see run_precision
     precision: str = "fp32"
     deepspeed_config: str = ""  # a DeepSpeed JSON config (launch/e2e.py --config sets it)

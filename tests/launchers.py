@@ -33,16 +33,16 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def command(kind: str, args: list[str], script: str = "launch/e2e.py") -> list[str]:
+def command(kind: str, args: list[str], script: str = "launch/e2e.py", processes: int = 2) -> list[str]:
     """``kind``: single (python), deepspeed (ZeRO-2) or zero3 (ZeRO-3) under the DeepSpeed launcher,
-    fsdp or ddp under torchrun; 2 processes each."""
+    fsdp or ddp under torchrun; ``processes`` each."""
     if kind == "single":
         return [sys.executable, script, *args]
     port = free_port()
     if kind in ("deepspeed", "zero3"):
         ds = "ds_configs/zero3.json" if kind == "zero3" else "ds_configs/zero2.json"
-        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, script, "--config", ds, *args]
-    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, script, "--engine", kind, *args]
+        return [str(BIN / "deepspeed"), "--num_gpus", str(processes), "--master_port", port, script, "--config", ds, *args]
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--master_port", port, script, "--engine", kind, *args]
 
 
 def env() -> dict:

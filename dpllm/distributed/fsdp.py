@@ -7,6 +7,12 @@
             keeps its own shard, and the unit's full tensors are freed: rank 0's model shrinks
             as the shards grow, the other ranks hold one full unit at a time
     save    dpllm.distributed.saving streams the Hugging Face folder from the shards
+
+precision=bf16-mixed shards with FSDP2's MixedPrecisionPolicy: the fp32 shards (the master
+weights the optimizer updates) are gathered as bf16, which halves the gathered unit and its
+traffic, and each unit's floating inputs are cast to bf16. The private step reads no gradient
+FSDP2 reduces (the clipper forms fp32 sums from the layers' inputs and output gradients and
+hands them to the shards itself); the policy's reduce dtype is fp32 all the same.
 """
 
 from __future__ import annotations
@@ -18,17 +24,19 @@ from torch import nn
 from dpllm.distributed.env import DistEnv
 
 
-def shard_from_rank0(model: nn.Module, env: DistEnv, device: torch.device) -> None:
+def shard_from_rank0(model: nn.Module, env: DistEnv, device: torch.device, *, bf16_gather: bool = False) -> None:
     """Shard ``model`` (real on rank 0, on the meta device elsewhere), every rank's shards holding
     rank 0's weights. The caller must hold no reference to the full parameters (they are freed
     unit by unit). Buffers (unsharded; non-persistent ones such as rotary frequencies are in no
-    checkpoint) are broadcast whole."""
-    from torch.distributed.fsdp import fully_shard
+    checkpoint) are broadcast whole. ``bf16_gather``: precision=bf16-mixed's policy (above)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_gather else {}
+    policy = MixedPrecisionPolicy(**bf16)
     _broadcast_buffers(model, env, device)
     for unit in [*_units(model), model]:
         _materialise_from_rank0(unit, env, device)
-        fully_shard(unit)
+        fully_shard(unit, mp_policy=policy)
 
 
 def _units(model: nn.Module) -> list[nn.Module]:

@@ -393,7 +393,9 @@ def _probe_rows(rows: list[dict], max_tokens: int = PROBE_TOKENS) -> list[dict]:
 
 def _autocast(config: RunConfig, device: torch.device):
     """bf16-mixed: forwards in bf16 autocast (their backwards follow); weights, optimizer state,
-    norms and clipped sums stay fp32. DeepSpeed's bf16 runs bf16 weights itself: no autocast."""
+    norms and clipped sums stay fp32. FSDP2 also gathers its units in bf16 (distributed/fsdp.py);
+    autocast still runs there, keeping the ops it lists as fp32 (softmax, the loss) in fp32.
+    DeepSpeed's bf16 runs bf16 weights itself: no autocast."""
     if config.precision != "bf16-mixed" or config.engine == "deepspeed":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -434,7 +436,7 @@ def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyP
     )
     if config.algorithm == "dp_zo":
         if config.engine == "fsdp":
-            shard_from_rank0(model, env, device)
+            shard_from_rank0(model, env, device, bf16_gather=config.precision == "bf16-mixed")
         zo = config.zo
         log.info("DP zeroth-order: %d direction(s) per step, mu %g, lr %g", zo.directions, zo.mu, zo.lr)
         # The directions carry no privacy (see steps/zeroth_order.py): from the public seed
@@ -468,7 +470,7 @@ def _sharded_step(config: RunConfig, env, model, optimizer, device, common: dict
     stepper = ShardedPrivateStep(model, optimizer, env=env, handover=handover[config.engine], **common)
     if config.engine == "fsdp":
         stepper.release_parameters()
-        shard_from_rank0(model, env, device)
+        shard_from_rank0(model, env, device, bf16_gather=config.precision == "bf16-mixed")
         stepper.use_sharded(model, _optimizer(config, _trainable(model)))
     elif config.engine == "deepspeed":
         if config.zero_stage == 3:

@@ -70,7 +70,7 @@ def step_worker(mode: str, model_dir: Path, out: Path) -> None:
     from dpllm.models import load_model_and_tokenizer, pad_token_id
     from dpllm.privacy.accountant import PrivacyAccountant
     from dpllm.privacy.noise import GaussianNoise
-    from dpllm.steps import MicroBatch, PrivateStep, ZerothOrderStep
+    from dpllm.steps import MicroBatch, PrivateStep, StageSchedule, ZerothOrderStep
     from dpllm.training.objectives import objective_for
 
     objective = objective_for("e2e")
@@ -93,7 +93,8 @@ def step_worker(mode: str, model_dir: Path, out: Path) -> None:
         with torch.no_grad():
             objective.per_sample_loss(model, batch)
     elif mode == "dp_zo":
-        step = ZerothOrderStep(model, env=DistEnv(), directions=1, mu=1e-3, lr=1e-6, direction_seed=1, **common)
+        step = ZerothOrderStep(model, env=DistEnv(), directions=1, schedule=StageSchedule(lr=1e-6, mu=1e-3), direction_seed=1,
+                               **common)
         step.run([[MicroBatch(batch, padding=False)]], lambda b: objective.per_sample_loss(model, b))
         step.step()
     else:

@@ -212,11 +212,26 @@ class ZerothOrderConfig:
     directions: int = 1  # per step, each on a Poisson sample of its own (one accounted mechanism each)
     mu: float = 1e-3  # smoothing: the two forwards run at theta + mu z and theta - mu z
     lr: float = 1e-6  # step size along the directions (MeZO's scale for billion-parameter models; tiny ones take far more)
+    # DP-ZOSO's stagewise schedule; 1 stage is DPZero's constant lr and mu. Stage s (from 0) lasts
+    # stage_steps * 2^s steps (the last to the end of the run), with lr / 2^s and mu falling
+    # geometrically from mu to mu_end (null: constant)
+    stages: int = 1
+    stage_steps: int = 0
+    mu_end: float | None = None
+    # DP-ZOPO's data-free selection: perturb and update only this fraction of the trainable
+    # entries (1: all), chosen before training from select_queries zeroth-order queries per estimate
+    select_fraction: float = 1.0
+    select_queries: int = 8
 
     def validate(self) -> None:
         _require(self.directions >= 1, "zo.directions", "must be >= 1")
         _require(self.mu > 0, "zo.mu", "must be > 0 (the forwards at theta +- mu z would coincide)")
         _require(self.lr > 0, "zo.lr", "must be > 0")
+        _require(self.stages >= 1, "zo.stages", "must be >= 1")
+        _require(self.stages == 1 or self.stage_steps >= 1, "zo.stage_steps", "must be >= 1 with several zo.stages")
+        _require(self.mu_end is None or self.mu_end > 0, "zo.mu_end", "must be > 0 (or null for a constant mu)")
+        _require(0 < self.select_fraction <= 1, "zo.select_fraction", "must be in (0, 1]")
+        _require(self.select_queries >= 1, "zo.select_queries", "must be >= 1")
 
 
 @dataclass

@@ -25,6 +25,12 @@ data only through earlier noised outputs). The per-sample losses must not mix sa
 trainer's startup check refuses models where they do. z is data-independent and carries no
 privacy; it comes from the run's public seed, so a resumed run regenerates it.
 
+DP-ZOSO's stagewise schedule (``StageSchedule``): stage s lasts n 2^s steps; the step size halves
+at each new stage and mu falls geometrically to its last stage's value. DP-ZOPO's data-free
+selection (``zo_selection.py``) restricts z to a fixed subset of the entries, so only those are
+perturbed and updated. Both are public (neither reads training data): they change neither the
+sensitivity argument nor the accounting. Without either, the step is DPZero's.
+
 Distributed: every rank holds the same seeds and perturbs what it holds (the whole model when
 replicated, its FSDP2 shard when sharded: a shard's entries are drawn exactly as a whole copy's
 would be); only the K sums and a few statistics are all-reduced. With FSDP2 every rank runs the
@@ -37,6 +43,7 @@ import hashlib
 import math
 import queue
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,6 +58,40 @@ from dpllm.steps.batches import MicroBatch
 # entries it does not keep at each end of the range. Below torch's grain size (32768), so the
 # drawing threads never start OpenMP teams of their own.
 PIECE = 1 << 15
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """DP-ZOSO's stages: stage s (0-based, ``stages`` of them) covers steps
+    [n (2^s - 1), n (2^(s+1) - 1)) for ``first_steps`` = n, the last one running to the end.
+    In stage s the step size is ``lr / 2^s`` and mu is ``mu (mu_end / mu)^(s / (stages - 1))``
+    (constant without ``mu_end``). One stage is DPZero's constant lr and mu."""
+
+    lr: float
+    mu: float
+    stages: int = 1
+    first_steps: int = 0
+    mu_end: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and self.mu > 0) or self.stages < 1 or (self.stages > 1 and self.first_steps < 1):
+            raise ValueError(f"need lr > 0, mu > 0, stages >= 1 and, with several stages, first_steps >= 1: {self}")
+        if self.mu_end is not None and not self.mu_end > 0:
+            raise ValueError(f"mu_end must be > 0, got {self.mu_end}")
+
+    def stage(self, step: int) -> int:
+        s = 0
+        while s < self.stages - 1 and step >= self.first_steps * (2 ** (s + 1) - 1):
+            s += 1
+        return s
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * 0.5 ** self.stage(step)
+
+    def mu_at(self, step: int) -> float:
+        if self.mu_end is None or self.stages == 1:
+            return self.mu
+        return self.mu * (self.mu_end / self.mu) ** (self.stage(step) / (self.stages - 1))
 
 
 class Directions:
@@ -68,18 +109,24 @@ class Directions:
         key = f"{self.seed}:{step}:{direction}:{name}:{piece}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
 
-    def add_(self, step: int, direction: int, views: list[tuple[str, Tensor, int, int]], alpha: float) -> None:
+    def add_(
+        self, step: int, direction: int, views: list[tuple[str, Tensor, int, int]], alpha: float,
+        masks: dict[str, Tensor] | None = None,
+    ) -> None:
         """``flat += alpha * z[offset : offset + flat.numel()]`` for each ``(name, flat, offset, numel)``:
-        ``flat`` holds entries from ``offset`` on of a parameter of ``numel`` entries in all."""
+        ``flat`` holds entries from ``offset`` on of a parameter of ``numel`` entries in all.
+        ``masks``: per name, a boolean tensor like ``flat``; z is zero where it is False."""
         jobs = []
         for name, flat, offset, numel in views:
             end = offset + flat.numel()
+            mask = None if masks is None else masks[name]
             for piece in range(offset // PIECE, -(-end // PIECE)):
                 start = piece * PIECE
                 length = min(PIECE, numel - start)
                 lo, hi = max(offset, start), min(end, start + length)
                 seed = self._stream_seed(step, direction, name, piece)
-                jobs.append((seed, length, lo - start, flat[lo - offset : hi - offset]))
+                keep = None if mask is None else mask[lo - offset : hi - offset]
+                jobs.append((seed, length, lo - start, flat[lo - offset : hi - offset], keep))
         if not jobs:
             return
         like = jobs[0][3]
@@ -113,13 +160,24 @@ def _draw_and_add(slot, job, alpha: float) -> None:
     """Draw the job's piece in its target's precision (fp32 at least: a parameter's entries are
     the same numbers on every rank, whichever parameters a rank holds) and add its slice."""
     generator, buffers = slot
-    seed, length, skip, target = job
+    seed, length, skip, target, keep = job
     dtype = torch.promote_types(target.dtype, torch.float32)
     if dtype not in buffers:
         buffers[dtype] = torch.empty(PIECE, dtype=dtype, device=target.device)
     generator.manual_seed(seed)
-    drawn = buffers[dtype][:length].normal_(generator=generator)
-    target.add_(drawn[skip : skip + target.numel()], alpha=alpha)
+    drawn = buffers[dtype][:length].normal_(generator=generator)[skip : skip + target.numel()]
+    if keep is not None:
+        drawn.masked_fill_(~keep, 0.0)
+    target.add_(drawn, alpha=alpha)
+
+
+def fresh_forwards(model: nn.Module) -> Callable[[], None]:
+    """What to call after changing parameters in place so that the next forward sees them: FSDP2
+    keeps its root unit's parameters gathered after a forward (for the backward it expects) and
+    would run the next forward on that stale copy; resharding it makes that forward gather again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return model.reshard if isinstance(model, FSDPModule) else (lambda: None)
 
 
 def local_views(params: dict[str, nn.Parameter], env: DistEnv) -> list[tuple[str, Tensor, int, int]]:
@@ -159,32 +217,32 @@ class ZerothOrderStep:
         expected_batch_size: float,
         accountant: PrivacyAccountant,
         directions: int,
-        mu: float,
-        lr: float,
+        schedule: StageSchedule,
         direction_seed: int,
         lockstep: bool = False,
+        masks: dict[str, Tensor] | None = None,
     ) -> None:
         """Build on the model as it trains (FSDP2: after sharding). ``lockstep``: every rank runs
-        the padding forwards too (FSDP2 gathers parameters in each)."""
+        the padding forwards too (FSDP2 gathers parameters in each). ``masks``: DP-ZOPO's
+        selection (``zo_selection.select``), per trainable parameter a boolean tensor over this
+        rank's flattened entries; only the True ones are perturbed and updated."""
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0 for a private step, got {noise_multiplier}")
         if not math.isclose(noise.std, noise_multiplier * max_grad_norm, rel_tol=1e-12):
             raise ValueError(
                 f"the noise's std {noise.std} is not noise_multiplier * max_grad_norm = {noise_multiplier * max_grad_norm}"
             )
-        if directions < 1 or not mu > 0 or not lr > 0 or not expected_batch_size > 0:
-            raise ValueError(
-                f"need directions >= 1, mu > 0, lr > 0 and an expected batch > 0 "
-                f"(got {directions}, {mu}, {lr}, {expected_batch_size})"
-            )
+        if directions < 1 or not expected_batch_size > 0:
+            raise ValueError(f"need directions >= 1 and an expected batch > 0 (got {directions}, {expected_batch_size})")
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.env, self.noise, self.accountant = env, noise, accountant
         self.max_grad_norm, self.noise_multiplier, self.sample_rate = max_grad_norm, noise_multiplier, sample_rate
         self.expected_batch_size = expected_batch_size
-        self.samples_per_step, self.mu, self.lr = directions, mu, lr
+        self.samples_per_step, self.schedule, self.masks = directions, schedule, masks
         self.directions = Directions(direction_seed)
+        self._regather = fresh_forwards(model)
         self.lockstep = lockstep
         self.step_index = 0
         self._reset()
@@ -200,8 +258,17 @@ class ZerothOrderStep:
     def load_state_dict(self, state: dict) -> None:
         self.directions = Directions(state["direction_seed"])
 
+    @property
+    def mu(self) -> float:
+        return self.schedule.mu_at(self.step_index)
+
+    @property
+    def lr(self) -> float:
+        return self.schedule.lr_at(self.step_index)
+
     def _move(self, direction: int, alpha: float) -> None:
-        self.directions.add_(self.step_index, direction, local_views(self.params, self.env), alpha)
+        self.directions.add_(self.step_index, direction, local_views(self.params, self.env), alpha, self.masks)
+        self._regather()
 
     def run(self, draws: list[list[MicroBatch]], forward: Callable[[dict], Tensor]) -> list[Tensor]:
         """Both forwards of every direction, each on its own sample's micro-batches; returns the
@@ -240,9 +307,10 @@ class ZerothOrderStep:
         sums, (samples, clipped, dropped, abs_sum) = totals[:k], totals[k:].tolist()
         noisy = sums + self.noise.sample(self.step_index, "zeroth-order", sums)  # add_noise
         estimates = noisy / self.expected_batch_size  # average
+        lr, mu = self.lr, self.mu
         with torch.no_grad():  # update
             for j, g in enumerate(estimates.tolist()):
-                self._move(j, -self.lr * g / self.samples_per_step)
+                self._move(j, -lr * g / self.samples_per_step)
         self.accountant.step(self.noise_multiplier, self.sample_rate, count=self.samples_per_step)
         self.step_index += 1
         self._reset()
@@ -251,6 +319,8 @@ class ZerothOrderStep:
             "dropped_samples": int(dropped),
             "clipped_fraction": clipped / max(samples, 1),
             "mean_grad_norm": abs_sum / max(samples, 1),  # mean |g_i|, before clipping
+            "zo_lr": lr,
+            "zo_mu": mu,
         }
 
 

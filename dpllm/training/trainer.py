@@ -26,7 +26,7 @@ from dpllm.privacy.mechanisms import GaussianMechanism, LMOMechanism
 from dpllm.privacy.mixing import check_per_sample
 from dpllm.privacy.sampling import PoissonSampler, micro_batches, rank_share
 from dpllm.privacy.seeds import derive, secret_seed
-from dpllm.steps import MicroBatch, NonPrivateStep, PrivateStep, ShardedPrivateStep, ZerothOrderStep
+from dpllm.steps import MicroBatch, NonPrivateStep, PrivateStep, ShardedPrivateStep, StageSchedule, ZerothOrderStep, zo_selection
 from dpllm.tasks import get_task
 from dpllm.training import checkpoint
 from dpllm.training.evaluation import GenerationEval, write_results
@@ -438,11 +438,20 @@ def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyP
         if config.engine == "fsdp":
             shard_from_rank0(model, env, device, bf16_gather=config.precision == "bf16-mixed")
         zo = config.zo
-        log.info("DP zeroth-order: %d direction(s) per step, mu %g, lr %g", zo.directions, zo.mu, zo.lr)
+        schedule = StageSchedule(lr=zo.lr, mu=zo.mu, stages=zo.stages, first_steps=zo.stage_steps, mu_end=zo.mu_end)
+        log.info("DP zeroth-order: %d direction(s) per step, %s", zo.directions, schedule)
+        masks = None
+        if zo.select_fraction < 1:  # data-free, from the base weights (a resume loads its checkpoint after this)
+            masks = zo_selection.select(
+                model, {n: q for n, q in model.named_parameters() if q.requires_grad}, env, fraction=zo.select_fraction, queries=zo.select_queries, mu=zo.mu,
+                seed=derive(config.seed, "selection"),
+            )
+            kept = sum(int(m.sum()) for m in masks.values())
+            log.info("DP-ZOPO selection: %d of this rank's %d trainable entries", kept, sum(m.numel() for m in masks.values()))
         # The directions carry no privacy (see steps/zeroth_order.py): from the public seed
         return ZerothOrderStep(
-            model, env=env, directions=zo.directions, mu=zo.mu, lr=zo.lr, direction_seed=derive(config.seed, "directions"),
-            lockstep=config.partitions_parameters, **common,
+            model, env=env, directions=zo.directions, schedule=schedule, direction_seed=derive(config.seed, "directions"),
+            lockstep=config.partitions_parameters, masks=masks, **common,
         )
     common.update(
         denoiser_options=config.denoise.options() if config.denoise.enabled else None,

@@ -265,17 +265,26 @@ def test_zero3_with_a_layer_without_a_per_sample_rule_is_refused_on_every_rank(t
     assert "have no per-sample gradient rule" in done.stdout + done.stderr
 
 
+ZOSO_ZOPO = ["zo.stages=3", "zo.stage_steps=1", "zo.mu_end=1e-4", "zo.select_fraction=0.3", "zo.select_queries=2"]
+
+
 @pytest.mark.slow
-def test_zeroth_order_on_two_processes_matches_one(tmp_path):
+@pytest.mark.parametrize("variant", [[], ZOSO_ZOPO], ids=["dpzero", "zoso_zopo"])
+def test_zeroth_order_on_two_processes_matches_one(tmp_path, variant):
     """DP zeroth-order, 2 directions per step, Poisson shares unequal across ranks: replicated
-    (ddp) and sharded (FSDP2, each rank perturbing its own shard) runs end where one process ends."""
+    (ddp) and sharded (FSDP2, each rank perturbing its own shard) runs end where one process ends;
+    with DP-ZOSO's stages and DP-ZOPO's selection too (each rank selecting within its shard)."""
     extra = [
         "algorithm=dp_zo", "zo.directions=2", "zo.lr=0.01", "batch_size=3", "micro_batch_size=1", "max_steps=4",
-        "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0",
+        "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0", *variant,
     ]
     single = _launch("single", tmp_path / "single", extra)
     start = load_file(REPO / "assets/models/stories260K/model.safetensors")
     assert max(float((single["params"][n] - start[n]).abs().max()) for n in start) > 1e-4  # it did train
+    if variant:  # the stages ran (lr halving at steps 1 and 3), and 30% of the entries moved, no other
+        assert [r["zo_lr"] for r in single["rows"] if "zo_lr" in r] == [0.01, 0.005, 0.005, 0.0025]
+        moved = sum(int((single["params"][n] != start[n]).sum()) for n in start)
+        assert 0.29 < moved / sum(v.numel() for v in start.values()) <= 0.3
     for kind in ("ddp", "fsdp"):
         run = _launch(kind, tmp_path / kind, extra)
         assert run["summary"]["world_size"] == 2 and run["summary"]["epsilon"] == single["summary"]["epsilon"]
@@ -288,13 +297,14 @@ def test_zeroth_order_on_two_processes_matches_one(tmp_path):
 @pytest.mark.slow
 def test_lmo_on_two_processes_matches_one(tmp_path):
     """LMO-DP's Laplace noise of random scale comes from the same keyed streams as the Gaussian's,
-    and its L1 clip runs in the same clipper: FSDP2 (two_pass) and ZeRO-2 end where one process ends."""
+    and its L1 clip runs in the same clipper: FSDP2 (two_pass), ZeRO-2 and ZeRO-3 (book_keeping,
+    its per-layer L1 pass on the gathered weights) end where one process ends."""
     extra = ["privacy.mechanism=lmo", "lmo.a1=0.5", "lmo.k=2", "lmo.a4=0.5", "lmo.lo=0.5", "lmo.hi=1.5", "batch_size=5", "micro_batch_size=2"]
     single = _launch("single", tmp_path / "single", extra)
     assert single["summary"]["mechanism"] == "lmo" and single["summary"]["clip_norm"] == "l1"
     start = load_file(REPO / "assets/models/stories260K/model.safetensors")
     assert max(float((single["params"][n] - start[n]).abs().max()) for n in start) > 1e-4  # it did train
-    for kind, more in (("fsdp", ["privacy.clipping=two_pass"]), ("deepspeed", [])):
+    for kind, more in (("fsdp", ["privacy.clipping=two_pass"]), ("deepspeed", []), ("zero3", [])):
         run = _launch(kind, tmp_path / kind, extra + more)
         assert run["summary"]["world_size"] == 2 and run["summary"]["epsilon"] == single["summary"]["epsilon"]
         for name, value in single["params"].items():

@@ -10,16 +10,16 @@ from dpllm.lm import forward_per_sample_loss
 from dpllm.privacy.accountant import PrivacyAccountant
 from dpllm.privacy.noise import GaussianNoise
 from dpllm.steps import MicroBatch, ZerothOrderStep
-from dpllm.steps.zeroth_order import PIECE, Directions
+from dpllm.steps.zeroth_order import PIECE, Directions, StageSchedule
 from tests.conftest import tiny_batch, tiny_model
 from tests.privacy.reference import per_sample_grads
 
 
-def make_step(model, C=0.5, sigma=0.8, expected=4.0, directions=1, mu=1e-4, lr=0.1, seed=5):
+def make_step(model, C=0.5, sigma=0.8, expected=4.0, directions=1, mu=1e-4, lr=0.1, seed=5, masks=None, **stages):
     return ZerothOrderStep(
         model, env=DistEnv(), max_grad_norm=C, noise=GaussianNoise(sigma, C, seed=seed), noise_multiplier=sigma,
         sample_rate=0.1, expected_batch_size=expected, accountant=PrivacyAccountant(delta=1e-5),
-        directions=directions, mu=mu, lr=lr, direction_seed=17,
+        directions=directions, schedule=StageSchedule(lr=lr, mu=mu, **stages), direction_seed=17, masks=masks,
     )
 
 
@@ -135,3 +135,73 @@ def test_only_trainable_parameters_move():
     for n, value in frozen.items():
         assert torch.equal(params[n].detach(), value)
     assert any(not torch.equal(p, tiny_model("llama", dtype=torch.float64).state_dict()[n]) for n, p in params.items() if n not in frozen)
+
+
+def test_stage_schedule_halves_lr_and_moves_mu_geometrically_per_stage():
+    """Hand-worked: stages of 2, 4 and then the rest of the steps."""
+    schedule = StageSchedule(lr=0.1, mu=1e-2, stages=3, first_steps=2, mu_end=1e-4)
+    assert [schedule.stage(t) for t in range(8)] + [schedule.stage(1000)] == [0, 0, 1, 1, 1, 1, 2, 2, 2]
+    for t, lr, mu in ((0, 0.1, 1e-2), (2, 0.05, 1e-3), (5, 0.05, 1e-3), (6, 0.025, 1e-4), (1000, 0.025, 1e-4)):
+        assert schedule.lr_at(t) == pytest.approx(lr, rel=1e-12) and schedule.mu_at(t) == pytest.approx(mu, rel=1e-12)
+    plain = StageSchedule(lr=0.1, mu=1e-3)  # DPZero: one stage, constant
+    assert {(plain.lr_at(t), plain.mu_at(t)) for t in range(0, 10**6, 997)} == {(0.1, 1e-3)}
+    with pytest.raises(ValueError, match="first_steps >= 1"):
+        StageSchedule(lr=0.1, mu=1e-3, stages=2)
+
+
+def test_the_step_runs_at_its_stage_s_lr_and_mu():
+    """Step 1 is in the second stage: its estimate is again torch.func's clipped directional
+    derivatives plus noise (central differences at the stage's mu), applied at half the lr."""
+    model = tiny_model("llama", tied=True, dtype=torch.float64)
+    batch = tiny_batch()
+    step = make_step(model, C=10.0, mu=1e-3, lr=0.05, stages=2, first_steps=1, mu_end=1e-4)
+    first = step.run([[MicroBatch(batch, padding=False)]], forward_of(model))
+    stats_ = step.step()
+    assert (stats_["zo_lr"], stats_["zo_mu"]) == (0.05, 1e-3) and first
+    z = direction(model, 1, 0)
+    jac = per_sample_grads(model, batch)
+    derivative = sum((jac[n].reshape(jac[n].shape[0], -1) @ z[n].reshape(-1)) for n in z)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step.run([[MicroBatch(batch, padding=False)]], forward_of(model))
+    stats_ = step.step()
+    assert stats_["zo_lr"] == pytest.approx(0.025) and stats_["zo_mu"] == pytest.approx(1e-4)
+    noise = float(GaussianNoise(0.8, 10.0, seed=5).sample(1, "zeroth-order", torch.zeros(1, dtype=torch.float64))[0])
+    dot = sum(float(((p.detach() - before[n]) * z[n]).sum()) for n, p in model.named_parameters() if n in z)
+    norm2 = sum(float(t.pow(2).sum()) for t in z.values())
+    read_back = -dot / (0.025 * norm2) * step.expected_batch_size
+    assert abs(read_back - (float(derivative.clamp(-10.0, 10.0).sum()) + noise)) < 1e-3
+
+
+def _two_steps(env, tied: bool) -> dict:
+    """Two steps on a float64 tiny Llama, each rank on its share of one batch; FSDP2 on 2 ranks."""
+    from torch.distributed.tensor import DTensor
+
+    from dpllm.distributed.fsdp import shard_from_rank0
+
+    model = tiny_model("llama", tied=tied, dtype=torch.float64)
+    if env.world_size > 1:
+        shard_from_rank0(model, env, torch.device("cpu"))
+    step = ZerothOrderStep(
+        model, env=env, max_grad_norm=0.5, noise=GaussianNoise(0.8, 0.5, seed=5), noise_multiplier=0.8, sample_rate=0.1,
+        expected_batch_size=4.0, accountant=PrivacyAccountant(delta=1e-5), directions=1,
+        schedule=StageSchedule(lr=0.1, mu=1e-3), direction_seed=17, lockstep=env.world_size > 1,
+    )
+    batch = tiny_batch()  # equal padding width either way: each sample's loss is the same in any share
+    share = {k: v[env.rank :: env.world_size] for k, v in batch.items()}
+    for _ in range(2):
+        step.run([[MicroBatch(share, padding=False)]], forward_of(model))
+        step.step()
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_fsdp2_forwards_see_the_root_unit_s_perturbation(tied):
+    """FSDP2 keeps its root unit (the final norm; tied embeddings too) gathered after a forward;
+    without a reshard the minus forward ran on the plus point's copy of it. 2 ranks == 1."""
+    from dpllm.distributed.local import run_on_ranks
+
+    whole = _two_steps(DistEnv(), tied)
+    sharded = run_on_ranks(2, _two_steps, tied)[0]
+    for n, value in whole.items():
+        torch.testing.assert_close(sharded[n], value, rtol=0, atol=1e-12, msg=n)

@@ -35,9 +35,9 @@ def _run(kind: str, args: list[str]) -> dict:
     return {"params": load_file(out / "final/model.safetensors"), "summary": json.loads((out / "summary.json").read_text())}
 
 
-def _run_and_kill_after_first_checkpoint(kind: str, out: Path) -> None:
+def _run_and_kill_after_first_checkpoint(kind: str, out: Path, extra: tuple[str, ...] = ()) -> None:
     """Start a long run that checkpoints every 3 steps; SIGKILL it once step 3 is on disk."""
-    args = COMMON + ["max_steps=1000", "checkpoint_every=3", f"output_dir={out}"]
+    args = COMMON + [*extra, "max_steps=1000", "checkpoint_every=3", f"output_dir={out}"]
     proc = subprocess.Popen(
         _command(kind, args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -73,6 +73,28 @@ def test_kill_and_resume_gives_the_straight_run(tmp_path, kind):
         assert [r["step"] for r in rows if "epsilon" in r or "loss" in r] == [1, 2, 3, 4, 5, 6]
     saved = load_file(tmp_path / "killed/checkpoints/step_3/model/model.safetensors")  # HF form, every engine
     assert set(saved) == set(straight["params"])
+
+
+LMO = ("privacy.mechanism=lmo", "lmo.a1=0.5", "lmo.k=2", "lmo.a4=0.5", "lmo.lo=0.5", "lmo.hi=1.5")
+
+
+@pytest.mark.slow
+def test_lmo_kill_and_resume_gives_the_straight_run(tmp_path):
+    """LMO-DP's random scales come from the keyed streams and its accountant's history is in the
+    checkpoint: killed after step 3 and resumed on FSDP2, the run ends where the straight run
+    ends, and its epsilon is lmo.py's bound for the 6 steps, not for 3 or 9."""
+    from dpllm.privacy import lmo
+
+    straight = _run("single", [*LMO, "max_steps=6", f"output_dir={tmp_path / 'straight'}"])
+    _run_and_kill_after_first_checkpoint("fsdp", tmp_path / "killed", LMO)
+    other = ["seed=11", "privacy.noise_seed=11"]
+    resumed = _run("fsdp", [*LMO, "max_steps=6", *other, f"resume={tmp_path / 'killed'}", f"output_dir={tmp_path / 'killed'}"])
+    summary = resumed["summary"]
+    assert (summary["mechanism"], summary["steps"], summary["noise_multiplier"]) == ("lmo", 6, 1.0)
+    law = lmo.LMONoise(a1=0.5, k=2, theta=1.0, a3=0.0, lam=1.0, a4=0.5, lo=0.5, hi=1.5)  # noise multiplier 1: the law itself
+    assert summary["epsilon"] == straight["summary"]["epsilon"] == pytest.approx(lmo.epsilon(law, 1.0, Q, 6, DELTA), rel=1e-12)
+    for name, value in straight["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, rtol=0, atol=1e-5, msg=name)
 
 
 def test_resume_restores_the_dropout_generator(tmp_path):

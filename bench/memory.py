@@ -25,6 +25,13 @@ same fixed noise seed throughout), AdamW, with and without ``model.gradient_chec
 (``privacy.clipping=auto``: two_pass where the engine runs it). Printed per T and world size:
 model memory with and without, their ratio, the same for the training phase alone, and the
 largest difference between the two runs' final parameters.
+
+``--fit MB --from lengths*.json`` runs nothing: from saved ``--lengths`` results it prints, per
+engine and world size, the largest T whose model memory stays within MB per rank, with and
+without checkpointing. It extends the line through the two largest measured T: memory grows
+linearly in T once the activations (or checkpointing's recomputed layer) outgrow the fixed
+state, as long as attention keeps no T x T matrix (PyTorch's fused attention does not); past
+the measured range it is an extrapolation, which the table says.
 """
 
 from __future__ import annotations
@@ -220,7 +227,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_memory")
     parser.add_argument("--results", type=Path, default=None, help="also write the rows to results.json in this folder")
     parser.add_argument("--lengths", nargs="+", type=int, default=None, help="measure the sequence-length axis at these T")
+    parser.add_argument("--fit", type=float, default=None, metavar="MB",
+                        help="no run: the largest T within MB of model memory per rank, from the --from results")
+    parser.add_argument("--from", dest="sources", nargs="+", type=Path, default=[], help="lengths.json files (with --fit)")
     args = parser.parse_args()
+    if args.fit is not None:
+        rows = [r for path in args.sources for r in json.loads(path.read_text())["rows"] if "error" not in r]
+        if not rows:
+            parser.error("--fit needs --from with at least one lengths.json that has measured rows")
+        _print_table(
+            ["engine", "processes", "measured T", f"largest T within {args.fit:g} MB: without checkpointing",
+             "with checkpointing"],
+            largest_lengths(rows, args.fit), ["engine", "world", "measured"], ["without", "with"],
+        )
+        return
     from transformers import AutoConfig
 
     model = save_model(args.model, args.out / "models" / args.model, context=max(args.lengths or [0]))
@@ -326,6 +346,28 @@ def sequence_lengths(args, model: Path) -> None:
     if args.results:
         args.results.mkdir(parents=True, exist_ok=True)
         (args.results / "lengths.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+
+
+def largest_lengths(rows: list[dict], budget_mb: float) -> list[dict]:
+    """Per (engine, world): the largest T whose model memory is within ``budget_mb``, with and
+    without checkpointing, on the line through the two largest measured T (see the docstring)."""
+    out = []
+    for engine, world in sorted({(r["engine"], r["world"]) for r in rows}):
+        points = sorted((r["T"], r) for r in rows if (r["engine"], r["world"]) == (engine, world))
+        row = {"engine": engine, "world": world, "measured": ", ".join(str(t) for t, _ in points)}
+        for key, column in (("without", "without_mb"), ("with", "with_mb")):
+            if len(points) < 2:
+                row[key] = "needs two T"
+                continue
+            (t1, r1), (t2, r2) = points[-2], points[-1]
+            slope = (r2[column] - r1[column]) / (t2 - t1)
+            if slope <= 0:
+                row[key] = "no growth measured"
+                continue
+            t = int(t2 + (budget_mb - r2[column]) / slope)
+            row[key] = "below the measured range" if t < t1 else f"{t} (extrapolated)" if t > t2 else str(t)
+        out.append(row)
+    return out
 
 
 def _print_table(columns: list[str], rows: list[dict], keys: list[str], values: list[str]) -> None:

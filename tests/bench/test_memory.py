@@ -44,3 +44,21 @@ def test_smoke_run_measures_the_sequence_length_axis(tmp_path):
     data = (tmp_path / "out/data/train_T96.csv").read_text().splitlines()
     assert len(data) > 100  # the embedded rows, each reference repeated past 96 tokens
     assert "| 96 | single | 1 |" in done.stdout
+
+
+def test_largest_length_follows_the_line_through_the_two_largest_measured_t():
+    sys.path.insert(0, "bench")
+    from memory import largest_lengths
+
+    rows = [
+        {"T": 256, "engine": "fsdp", "world": 2, "without_mb": 900, "with_mb": 900},  # flat: the fixed state's peak
+        {"T": 1024, "engine": "fsdp", "world": 2, "without_mb": 1375, "with_mb": 1011},
+        {"T": 4096, "engine": "fsdp", "world": 2, "without_mb": 3782, "with_mb": 2161},
+        {"T": 1024, "engine": "single", "world": 1, "without_mb": 1940, "with_mb": 1695},
+    ]
+    (fsdp, single) = largest_lengths(rows, 3000)
+    # by hand, rounded down: without 4096 + (3000 - 3782) / (2407 / 3072) = 3097.95; with 4096 + 839 / (1150 / 3072) = 6337.2
+    assert (fsdp["measured"], fsdp["without"], fsdp["with"]) == ("256, 1024, 4096", "3097", "6337 (extrapolated)")
+    assert single["with"] == "needs two T"
+    (fsdp, _) = largest_lengths(rows, 1000)
+    assert fsdp["without"] == "below the measured range"

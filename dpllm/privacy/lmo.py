@@ -120,6 +120,13 @@ class LMONoise:
                 return math.inf
         return 2.0 * value if math.isfinite(value) else math.inf
 
+    def usefulness(self, gamma: float) -> float:
+        """The LMO-DP paper's usefulness: ``P(|Z| <= gamma)`` for ``Z ~ Laplace(0, 1/U)``, which is
+        ``E[1 - exp(-gamma U)] = 1 - M(-gamma)`` (gamma in units of the L1 clip)."""
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}")
+        return 1.0 - math.exp(float(self.log_mgf(np.array(-float(gamma)))))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -43,6 +43,13 @@ class _BackwardStep:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def rank_state(self) -> dict:
+        """Tensors a checkpoint keeps per rank for the step itself: none."""
+        return {}
+
+    def load_rank_state(self, state: dict) -> None:
+        pass
+
     def run(self, draws: list[list[MicroBatch]], forward: Callable[[dict], Tensor]) -> list[Tensor]:
         """Forward and clipped backward of each micro-batch of the step's sample; returns the losses."""
         (micros,) = draws

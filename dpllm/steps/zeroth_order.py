@@ -221,11 +221,13 @@ class ZerothOrderStep:
         direction_seed: int,
         lockstep: bool = False,
         masks: dict[str, Tensor] | None = None,
+        selects: bool = False,
     ) -> None:
         """Build on the model as it trains (FSDP2: after sharding). ``lockstep``: every rank runs
         the padding forwards too (FSDP2 gathers parameters in each). ``masks``: DP-ZOPO's
         selection (``zo_selection.select``), per trainable parameter a boolean tensor over this
-        rank's flattened entries; only the True ones are perturbed and updated."""
+        rank's flattened entries; only the True ones are perturbed and updated. ``selects``: the
+        run moves a selection, given as ``masks`` or, when resuming, loaded from the checkpoint."""
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0 for a private step, got {noise_multiplier}")
         if not math.isclose(noise.std, noise_multiplier * max_grad_norm, rel_tol=1e-12):
@@ -241,6 +243,7 @@ class ZerothOrderStep:
         self.max_grad_norm, self.noise_multiplier, self.sample_rate = max_grad_norm, noise_multiplier, sample_rate
         self.expected_batch_size = expected_batch_size
         self.samples_per_step, self.schedule, self.masks = directions, schedule, masks
+        self.selects = selects or masks is not None
         self.directions = Directions(direction_seed)
         self._regather = fresh_forwards(model)
         self.lockstep = lockstep
@@ -257,6 +260,21 @@ class ZerothOrderStep:
 
     def load_state_dict(self, state: dict) -> None:
         self.directions = Directions(state["direction_seed"])
+
+    def rank_state(self) -> dict:
+        """DP-ZOPO's selection of this rank's entries: a resumed run moves the same ones (selecting
+        again would need the base weights, which a resumed run no longer holds)."""
+        return {"masks": self.masks} if self.masks is not None else {}
+
+    def load_rank_state(self, state: dict) -> None:
+        masks = state.get("masks")
+        if self.selects != (masks is not None):
+            raise ValueError(
+                "zo.select_fraction: the checkpoint was written by a run "
+                + ("without a DP-ZOPO selection; resume it with zo.select_fraction=1" if masks is None else
+                   "with a DP-ZOPO selection; resume it with that run's zo.select_fraction")
+            )
+        self.masks = masks
 
     @property
     def mu(self) -> float:

@@ -7,6 +7,8 @@ A checkpoint is a folder ``checkpoints/step_{N}`` holding everything the next st
                     torchrun ddp and FSDP2: each rank writes its own shards)
     optim_rank{r}.pt  DeepSpeed's ZeRO optimizer partition of rank r (fp32 master weights included)
     rng_rank{r}.pt  rank r's torch generator states (CPU and CUDA), which draw dropout masks
+    step_rank{r}.pt what the step kind keeps per rank in tensors, where it keeps any (DP-ZOPO's
+                    selection of the entries rank r moves)
     state.json      step, the run's privacy context (private or not, dataset size and
                     fingerprint, delta, accountant), accountant history, sampler generator
                     state, noise seed (not in secure mode: a resumed secure run draws fresh
@@ -92,7 +94,7 @@ def _text_to_tensor(s: str) -> torch.Tensor:
 
 def save(
     output_dir, step: int, *, env, engine: str, model, tokenizer, optimizer, accountant, sampler, noise, rows,
-    privacy: PrivacyContext, partitioned: bool = False, step_state: dict | None = None,
+    privacy: PrivacyContext, partitioned: bool = False, step_state: dict | None = None, rank_state: dict | None = None,
 ) -> Path:
     """``partitioned``: the parameters are FSDP2 shards or ZeRO-3 partitions (the Hugging Face
     folder is then streamed from them, every rank taking part)."""
@@ -105,6 +107,8 @@ def save(
     if partitioned:
         save_streaming(model, tmp / "model", env)
     torch.save(_generator_states(), tmp / f"rng_rank{env.rank}.pt")
+    if rank_state:
+        torch.save(rank_state, tmp / f"step_rank{env.rank}.pt")
     if engine == "deepspeed":
         torch.save(optimizer.state_dict(), tmp / f"optim_rank{env.rank}.pt")
     else:
@@ -143,7 +147,7 @@ def load(
 ) -> dict:
     """Restore the states saved by :func:`save` into freshly built objects; returns state.json,
     with ``privacy_mismatch`` listing how its privacy context differs from ``privacy`` (refused
-    unless ``accept_mismatch``)."""
+    unless ``accept_mismatch``) and ``rank_state``, this rank's step tensors ({} if none)."""
     state = json.loads((path / "state.json").read_text())
     if state["engine"] != engine or state["world_size"] != env.world_size:
         raise ValueError(
@@ -175,6 +179,8 @@ def load(
         dcp.load(loaded, checkpoint_id=path / "sharded", no_dist=not env.distributed)
         set_state_dict(model, optimizer or (), model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     _set_generator_states(torch.load(path / f"rng_rank{env.rank}.pt"))
+    step_file = path / f"step_rank{env.rank}.pt"
+    state["rank_state"] = torch.load(step_file) if step_file.is_file() else {}
     if privacy.private and state["accountant"] is not None:
         # the history is the mechanism's; an accepted mismatch composes it at this run's delta
         accountant.load_state_dict({**state["accountant"], "delta": accountant.delta, "accountant": accountant.accountant})

@@ -199,7 +199,7 @@ def train(config: RunConfig) -> dict:
         return checkpoint.save(
             out, step, env=env, engine=config.engine, model=model, tokenizer=tokenizer, optimizer=stepper.optimizer,
             accountant=accountant, sampler=sampler, noise=noise, rows=metrics.rows, privacy=privacy_context,
-            partitioned=partitioned, step_state=stepper.state_dict(),
+            partitioned=partitioned, step_state=stepper.state_dict(), rank_state=stepper.rank_state(),
         )
 
     start, resume_mismatch = 0, []
@@ -212,6 +212,7 @@ def train(config: RunConfig) -> dict:
         )
         start = stepper.step_index = state["step"]
         stepper.load_state_dict(state.get("step_state", {}))
+        stepper.load_rank_state(state["rank_state"])
         resume_mismatch = state["privacy_mismatch"]
         for row in state["rows"]:
             metrics.log(row)
@@ -441,9 +442,10 @@ def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyP
         schedule = StageSchedule(lr=zo.lr, mu=zo.mu, stages=zo.stages, first_steps=zo.stage_steps, mu_end=zo.mu_end)
         log.info("DP zeroth-order: %d direction(s) per step, %s", zo.directions, schedule)
         masks = None
-        if zo.select_fraction < 1:  # data-free, from the base weights (a resume loads its checkpoint after this)
+        if zo.select_fraction < 1 and not config.resume:  # data-free, on the base weights; a resume loads its own
+            trainable = {n: q for n, q in model.named_parameters() if q.requires_grad}
             masks = zo_selection.select(
-                model, {n: q for n, q in model.named_parameters() if q.requires_grad}, env, fraction=zo.select_fraction, queries=zo.select_queries, mu=zo.mu,
+                model, trainable, env, fraction=zo.select_fraction, queries=zo.select_queries, mu=zo.mu,
                 seed=derive(config.seed, "selection"),
             )
             kept = sum(int(m.sum()) for m in masks.values())
@@ -451,7 +453,7 @@ def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyP
         # The directions carry no privacy (see steps/zeroth_order.py): from the public seed
         return ZerothOrderStep(
             model, env=env, directions=zo.directions, schedule=schedule, direction_seed=derive(config.seed, "directions"),
-            lockstep=config.partitions_parameters, masks=masks, **common,
+            lockstep=config.partitions_parameters, masks=masks, selects=zo.select_fraction < 1, **common,
         )
     common.update(
         denoiser_options=config.denoise.options() if config.denoise.enabled else None,

@@ -306,10 +306,16 @@ def test_zeroth_order_learns_on_the_real_pretrained_model(tmp_path):
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05
 
 
-def test_zeroth_order_resumes_exactly(tmp_path, local_models):
+ZOSO_ZOPO = ["zo.stages=2", "zo.stage_steps=1", "zo.mu_end=1e-4", "zo.select_fraction=0.2", "zo.select_queries=2"]
+
+
+@pytest.mark.parametrize("variant", [[], ZOSO_ZOPO], ids=["dpzero", "zoso_zopo"])
+def test_zeroth_order_resumes_exactly(tmp_path, local_models, variant):
+    """With DP-ZOPO the checkpoint keeps each rank's selection: the resumed command's other seed
+    would select other entries, and its checkpoint's weights are no longer the base ones."""
     common = [
         "algorithm=dp_zo", "zo.lr=0.01", "zo.directions=2", "privacy.noise_seed=4", "checkpoint_every=2",
-        "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0",
+        "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0", *variant,
     ]
     run(tmp_path / "straight", local_models["llama"], *common)
     run(tmp_path / "cut", local_models["llama"], *common, "max_steps=2")
@@ -320,6 +326,9 @@ def test_zeroth_order_resumes_exactly(tmp_path, local_models):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     assert json.loads((tmp_path / "cut/summary.json").read_text())["epsilon"] == json.loads((tmp_path / "straight/summary.json").read_text())["epsilon"]
+    if variant:  # a checkpoint with a selection resumes only as a run with one, and the other way round
+        with pytest.raises(ValueError, match="zo.select_fraction: the checkpoint was written by a run with a DP-ZOPO"):
+            run(tmp_path / "cut", local_models["llama"], *common, "zo.select_fraction=1", "max_steps=6", f"resume={tmp_path / 'cut'}")
 
 
 @pytest.mark.parametrize("algorithm", [["algorithm=dp_zo"], ["algorithm=dp_sgd"]], ids=["dp_zo", "dp_sgd"])

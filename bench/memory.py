@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--optims", nargs="+", choices=["adamw", "sgd"], default=["adamw", "sgd"])
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_memory")
     parser.add_argument("--results", type=Path, default=None, help="also write the rows to results.json in this folder")
+    parser.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32",
+                        help="the runs' precision (bf16-mixed: FSDP2 gathers its units in bf16)")
     parser.add_argument("--lengths", nargs="+", type=int, default=None, help="measure the sequence-length axis at these T")
     parser.add_argument("--fit", type=float, default=None, metavar="MB",
                         help="no run: the largest T within MB of model memory per rank, from the --from results")
@@ -259,8 +261,9 @@ def main() -> None:
             base = {}
             for world in args.worlds:
                 tag = f"{engine}_{optim}_w{world}"
-                big = launch(engine, world, model, optim, args.out / tag)
-                small = launch(engine, world, REPO / TINY_MODEL, optim, args.out / (tag + "_tiny"))
+                extra = (f"precision={args.precision}",)
+                big = launch(engine, world, model, optim, args.out / tag, extra)
+                small = launch(engine, world, REPO / TINY_MODEL, optim, args.out / (tag + "_tiny"), extra)
                 if "error" in big or "error" in small:
                     rows.append({"engine": engine, "optim": optim, "world": world, "error": big.get("error") or small["error"]})
                     print(json.dumps(rows[-1]), flush=True)
@@ -270,7 +273,7 @@ def main() -> None:
                 base.setdefault("model_mb", model_mb)
                 base.setdefault("training_mb", training_mb)
                 row = {
-                    "engine": engine, "optim": optim, "world": world, "peak_mb": round(big["peak_mb"]),
+                    "engine": engine, "optim": optim, "world": world, "precision": args.precision, "peak_mb": round(big["peak_mb"]),
                     "baseline_mb": round(small["peak_mb"]), "model_mb": round(model_mb),
                     "ratio_to_one": round(model_mb / base["model_mb"], 3) if base["model_mb"] > 0 else None,
                     "bytes_per_param": round(model_mb * 2**20 / params, 1), "measure": big["measure"],

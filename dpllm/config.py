@@ -218,6 +218,7 @@ class ZerothOrderConfig:
     stages: int = 1
     stage_steps: int = 0
     mu_end: float | None = None
+    regularization: float = 0.0  # lambda: theta -= lr lambda (theta - the stage's starting point); > 0 keeps a copy of it
     # DP-ZOPO's data-free selection: perturb and update only this fraction of the trainable
     # entries (1: all), chosen before training from select_queries zeroth-order queries per estimate
     select_fraction: float = 1.0
@@ -230,6 +231,7 @@ class ZerothOrderConfig:
         _require(self.stages >= 1, "zo.stages", "must be >= 1")
         _require(self.stages == 1 or self.stage_steps >= 1, "zo.stage_steps", "must be >= 1 with several zo.stages")
         _require(self.mu_end is None or self.mu_end > 0, "zo.mu_end", "must be > 0 (or null for a constant mu)")
+        _require(self.regularization >= 0, "zo.regularization", "must be >= 0")
         _require(0 < self.select_fraction <= 1, "zo.select_fraction", "must be in (0, 1]")
         _require(self.select_queries >= 1, "zo.select_queries", "must be >= 1")
 

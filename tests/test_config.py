@@ -155,6 +155,7 @@ def test_clipping_mode_resolves_from_checkpointing_and_engine_and_is_refused_whe
         (["zo.stages=0"], "zo.stages: must be >= 1"),
         (["zo.stages=3"], "zo.stage_steps: must be >= 1 with several zo.stages"),
         (["zo.mu_end=0"], "zo.mu_end: must be > 0"),
+        (["zo.regularization=-1"], "zo.regularization: must be >= 0"),
         (["zo.select_fraction=0"], "zo.select_fraction: must be in \\(0, 1\\]"),
         (["zo.select_fraction=1.5"], "zo.select_fraction: must be in \\(0, 1\\]"),
         (["zo.select_queries=0"], "zo.select_queries: must be >= 1"),

@@ -26,7 +26,9 @@ trainer's startup check refuses models where they do. z is data-independent and 
 privacy; it comes from the run's public seed, so a resumed run regenerates it.
 
 DP-ZOSO's stagewise schedule (``StageSchedule``): stage s lasts n 2^s steps; the step size halves
-at each new stage and mu falls geometrically to its last stage's value. DP-ZOPO's data-free
+at each new stage and mu falls geometrically to its last stage's value; a regulariser of weight
+lambda pulls theta towards the stage's starting point theta_s (the gradient of
+lambda / 2 ||theta - theta_s||^2 joins the update: theta -= lr lambda (theta - theta_s)). DP-ZOPO's data-free
 selection (``zo_selection.py``) restricts z to a fixed subset of the entries, so only those are
 perturbed and updated. Both are public (neither reads training data): they change neither the
 sensitivity argument nor the accounting. Without either, the step is DPZero's.
@@ -72,12 +74,18 @@ class StageSchedule:
     stages: int = 1
     first_steps: int = 0
     mu_end: float | None = None
+    regularization: float = 0.0  # lambda: the pull towards the stage's starting point
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and self.mu > 0) or self.stages < 1 or (self.stages > 1 and self.first_steps < 1):
             raise ValueError(f"need lr > 0, mu > 0, stages >= 1 and, with several stages, first_steps >= 1: {self}")
         if self.mu_end is not None and not self.mu_end > 0:
             raise ValueError(f"mu_end must be > 0, got {self.mu_end}")
+        if not self.regularization >= 0:
+            raise ValueError(f"regularization must be >= 0, got {self.regularization}")
+
+    def starts_stage(self, step: int) -> bool:
+        return step == 0 or self.stage(step) != self.stage(step - 1)
 
     def stage(self, step: int) -> int:
         s = 0
@@ -244,6 +252,7 @@ class ZerothOrderStep:
         self.expected_batch_size = expected_batch_size
         self.samples_per_step, self.schedule, self.masks = directions, schedule, masks
         self.selects = selects or masks is not None
+        self.reference: list[Tensor] | None = None  # this rank's entries at the stage's start (regulariser)
         self.directions = Directions(direction_seed)
         self._regather = fresh_forwards(model)
         self.lockstep = lockstep
@@ -263,10 +272,18 @@ class ZerothOrderStep:
 
     def rank_state(self) -> dict:
         """DP-ZOPO's selection of this rank's entries: a resumed run moves the same ones (selecting
-        again would need the base weights, which a resumed run no longer holds)."""
-        return {"masks": self.masks} if self.masks is not None else {}
+        again would need the base weights, which a resumed run no longer holds); the regulariser's
+        stage starting point."""
+        state = {"masks": self.masks} if self.masks is not None else {}
+        if self.reference is not None:
+            state["reference"] = self.reference
+        return state
 
     def load_rank_state(self, state: dict) -> None:
+        if self.schedule.regularization > 0 and not self.schedule.starts_stage(self.step_index):
+            if "reference" not in state:
+                raise ValueError("zo.regularization: the checkpoint holds no stage starting point; resume it with zo.regularization=0")
+            self.reference = state["reference"]
         masks = state.get("masks")
         if self.selects != (masks is not None):
             raise ValueError(
@@ -287,6 +304,19 @@ class ZerothOrderStep:
     def _move(self, direction: int, alpha: float) -> None:
         self.directions.add_(self.step_index, direction, local_views(self.params, self.env), alpha, self.masks)
         self._regather()
+
+    def _regularise(self, lr: float) -> None:
+        """theta -= lr lambda (theta - theta_s), theta_s this stage's starting point (kept from the
+        stage's first step on; at that step the pull is zero)."""
+        lam = self.schedule.regularization
+        if lam == 0:
+            return
+        views = [flat for _, flat, _, _ in local_views(self.params, self.env)]
+        if self.reference is None or self.schedule.starts_stage(self.step_index):
+            self.reference = [flat.clone() for flat in views]
+            return
+        for flat, start in zip(views, self.reference):  # as a difference: entries at their start stay bit for bit
+            flat.sub_(torch.sub(flat, start).mul_(lr * lam))
 
     def run(self, draws: list[list[MicroBatch]], forward: Callable[[dict], Tensor]) -> list[Tensor]:
         """Both forwards of every direction, each on its own sample's micro-batches; returns the
@@ -327,6 +357,7 @@ class ZerothOrderStep:
         estimates = noisy / self.expected_batch_size  # average
         lr, mu = self.lr, self.mu
         with torch.no_grad():  # update
+            self._regularise(lr)
             for j, g in enumerate(estimates.tolist()):
                 self._move(j, -lr * g / self.samples_per_step)
         self.accountant.step(self.noise_multiplier, self.sample_rate, count=self.samples_per_step)

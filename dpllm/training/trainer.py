@@ -439,7 +439,9 @@ def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyP
         if config.engine == "fsdp":
             shard_from_rank0(model, env, device, bf16_gather=config.precision == "bf16-mixed")
         zo = config.zo
-        schedule = StageSchedule(lr=zo.lr, mu=zo.mu, stages=zo.stages, first_steps=zo.stage_steps, mu_end=zo.mu_end)
+        schedule = StageSchedule(
+            lr=zo.lr, mu=zo.mu, stages=zo.stages, first_steps=zo.stage_steps, mu_end=zo.mu_end, regularization=zo.regularization
+        )
         log.info("DP zeroth-order: %d direction(s) per step, %s", zo.directions, schedule)
         masks = None
         if zo.select_fraction < 1 and not config.resume:  # data-free, on the base weights; a resume loads its own

@@ -265,7 +265,7 @@ def test_zero3_with_a_layer_without_a_per_sample_rule_is_refused_on_every_rank(t
     assert "have no per-sample gradient rule" in done.stdout + done.stderr
 
 
-ZOSO_ZOPO = ["zo.stages=3", "zo.stage_steps=1", "zo.mu_end=1e-4", "zo.select_fraction=0.3", "zo.select_queries=2"]
+ZOSO_ZOPO = ["zo.stages=3", "zo.stage_steps=1", "zo.mu_end=1e-4", "zo.regularization=0.5", "zo.select_fraction=0.3", "zo.select_queries=2"]
 
 
 @pytest.mark.slow

@@ -205,3 +205,29 @@ def test_fsdp2_forwards_see_the_root_unit_s_perturbation(tied):
     sharded = run_on_ranks(2, _two_steps, tied)[0]
     for n, value in whole.items():
         torch.testing.assert_close(sharded[n], value, rtol=0, atol=1e-12, msg=n)
+
+
+def test_the_regulariser_pulls_towards_the_stage_s_starting_point():
+    """Two runs from the same theta with the same directions and noise, with and without
+    lambda: in stage 0 (steps 0 and 1) the first step's pull is zero (theta is the starting point)
+    and the second's is exactly -lr lambda (theta_1 - theta_0); step 2 starts stage 1 there."""
+    lam, lr = 0.5, 0.1
+    runs = []
+    for regularization in (0.0, lam):
+        model = tiny_model("llama", dtype=torch.float64)
+        step = make_step(model, C=0.5, mu=1e-3, lr=lr, stages=2, first_steps=2, regularization=regularization)
+        thetas = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+        for t in range(3):
+            step.run([[MicroBatch(tiny_batch(seed=t + 1), padding=False)]], forward_of(model))
+            step.step()
+            thetas.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        runs.append((thetas, step))
+    (plain, _), (pulled, step) = runs
+    for n in plain[0]:
+        torch.testing.assert_close(pulled[1][n], plain[1][n], rtol=0, atol=0)
+        torch.testing.assert_close(pulled[2][n] - plain[2][n], -lr * lam * (plain[1][n] - plain[0][n]), rtol=1e-9, atol=1e-15)
+    # step 2 began stage 1: its starting point is theta_2 (to the rounding of the two forwards'
+    # theta + mu z - 2 mu z + mu z), kept per rank for a resume
+    flat = {n: t.view(-1) for n, t in pulled[2].items()}
+    for ref, n in zip(step.rank_state()["reference"], flat):
+        torch.testing.assert_close(ref, flat[n], rtol=0, atol=1e-15)

@@ -227,7 +227,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_memory")
     parser.add_argument("--results", type=Path, default=None, help="also write the rows to results.json in this folder")
     parser.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32",
-                        help="the runs' precision (bf16-mixed: FSDP2 gathers its units in bf16)")
+                        help="the per-rank table's precision (bf16-mixed: FSDP2 gathers its units in bf16; "
+                             "DeepSpeed's config decides for its engines)")
     parser.add_argument("--lengths", nargs="+", type=int, default=None, help="measure the sequence-length axis at these T")
     parser.add_argument("--fit", type=float, default=None, metavar="MB",
                         help="no run: the largest T within MB of model memory per rank, from the --from results")
@@ -356,7 +357,7 @@ def largest_lengths(rows: list[dict], budget_mb: float) -> list[dict]:
     without checkpointing, on the line through the two largest measured T (see the docstring)."""
     out = []
     for engine, world in sorted({(r["engine"], r["world"]) for r in rows}):
-        points = sorted((r["T"], r) for r in rows if (r["engine"], r["world"]) == (engine, world))
+        points = sorted(((r["T"], r) for r in rows if (r["engine"], r["world"]) == (engine, world)), key=lambda point: point[0])
         row = {"engine": engine, "world": world, "measured": ", ".join(str(t) for t, _ in points)}
         for key, column in (("without", "without_mb"), ("with", "with_mb")):
             if len(points) < 2:

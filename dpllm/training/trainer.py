@@ -165,10 +165,13 @@ def train(config: RunConfig) -> dict:
     if p.enabled and env.is_main:  # on the whole model (rank 0's, before sharding)
         rows = _probe_rows(train_data)
         probe = objective.collate(rows, pad_id)
-        with _autocast(config, device):  # the checks run the forward that training runs
+        # the forward that training runs; without gradients, so autocast keeps no bf16 copy of the weights
+        with torch.no_grad(), _autocast(config, device):
             check_per_sample(model, objective.per_sample_loss, {k: v.to(next(model.parameters()).device) for k, v in probe.items()})
         if config.engine != "single" and not zeroth_order:  # before any engine wraps (or partitions) the model
-            _check_clipping(model, objective, rows, pad_id, p.max_grad_norm, config.clip_norm, _autocast(config, device))
+            # in fp32 whatever the precision: which parameters the hooks see does not depend on it, and
+            # a bf16 backward would hold a bf16 copy of the whole model on rank 0 besides its own
+            _check_clipping(model, objective, rows, pad_id, p.max_grad_norm, config.clip_norm)
     if p.enabled and p.noise_seed is not None:
         log.warning(
             "privacy.noise_seed is set: the reported epsilon assumes that number stays secret "
@@ -402,7 +405,7 @@ def _autocast(config: RunConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float, norm: str, autocast) -> None:
+def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: int, max_grad_norm: float, norm: str) -> None:
     """One clipped backward with the clipper's check against autograd, then nothing kept (the
     clipped sums are dropped as formed, the check holds one parameter's gradient at a time).
     Any two rows check the rules; the caller gives short ones (see _probe_rows)."""
@@ -411,8 +414,7 @@ def _check_clipping(model, objective: Objective, examples: list[dict], pad_id: i
     )
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in objective.collate(examples, pad_id).items()}
-    with autocast:
-        loss = objective.per_sample_loss(model, batch)
+    loss = objective.per_sample_loss(model, batch)
     clipper.backward(loss)
     clipper.detach()
     model.zero_grad(set_to_none=True)

@@ -9,12 +9,12 @@ with f the sum of the model's outputs:
 
 and the ``fraction`` of entries with the smallest |score| over all trainable parameters is
 selected, as the authors' public code does. No training row is read, so the selection costs no
-privacy and the guarantee of the step is unchanged. It is deterministic given the model and the
-run's public seed: a resumed run recomputes it from the same base weights (the trainer selects
-before it loads a checkpoint).
+privacy and the guarantee of the step is unchanged. It runs in eval mode (no dropout, no draw
+from the run's generators) and is deterministic given the model and the run's public seed; a
+checkpoint keeps each rank's masks, as the step's ``rank_state``.
 
-Memory: an fp32 copy of the trainable entries while it runs (the weights are restored from it
-bit for bit; the score is formed in the parameters' own storage meanwhile, so in their dtype),
+Memory: a copy of the trainable entries (fp32 at least) while it runs (the weights are restored
+from it bit for bit; the score is formed in the parameters' own storage meanwhile, so in their dtype),
 then one boolean per entry (the masks). Every z is regenerated from its keyed stream, as in the
 step. Under FSDP2 each rank scores its own shard (every rank runs the same forwards) and the
 global threshold is found by bisection on the fp32 bit patterns, one all-reduce of a count per
@@ -42,6 +42,15 @@ def select(
     ``local_views`` lays them out): True where the entry is selected."""
     if not 0 < fraction <= 1 or queries < 1 or not mu > 0:
         raise ValueError(f"need 0 < fraction <= 1, queries >= 1 and mu > 0 (got {fraction}, {queries}, {mu})")
+    was_training = model.training
+    model.eval()
+    try:
+        return _select(model, params, env, fraction, queries, mu, seed)
+    finally:
+        model.train(was_training)
+
+
+def _select(model: nn.Module, params: dict, env: DistEnv, fraction: float, queries: int, mu: float, seed: int) -> dict:
     from torch.distributed.tensor import DTensor
 
     regather = fresh_forwards(model)

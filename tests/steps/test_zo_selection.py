@@ -100,3 +100,19 @@ def test_fsdp2_shards_select_what_one_process_selects():
     ranks = run_on_ranks(2, _sharded_masks, FRACTION)
     for n, m in whole.items():  # FSDP2 shards dim 0 in order: rank 0's entries, then rank 1's
         torch.testing.assert_close(torch.cat([r[n] for r in ranks if n in r]), m, rtol=0, atol=0, msg=n)
+
+
+def test_selection_runs_in_eval_mode_and_leaves_the_mode():
+    """Dropout would make the scores random and draw from the run's generator: the selection of a
+    model in train mode is that of the same model in eval mode, and the model stays in train mode."""
+    model = tiny_model("llama", dtype=torch.float64)
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    model.eval()
+    expected = zo_selection.select(model, _trainable(model), DistEnv(), fraction=FRACTION, queries=QUERIES, mu=MU, seed=SEED)
+    model.train()
+    state = torch.get_rng_state()
+    masks = zo_selection.select(model, _trainable(model), DistEnv(), fraction=FRACTION, queries=QUERIES, mu=MU, seed=SEED)
+    assert model.training and torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(masks[n], expected[n]) for n in masks)

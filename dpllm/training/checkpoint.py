@@ -8,7 +8,7 @@ A checkpoint is a folder ``checkpoints/step_{N}`` holding everything the next st
     optim_rank{r}.pt  DeepSpeed's ZeRO optimizer partition of rank r (fp32 master weights included)
     rng_rank{r}.pt  rank r's torch generator states (CPU and CUDA), which draw dropout masks
     step_rank{r}.pt what the step kind keeps per rank in tensors, where it keeps any (DP-ZOPO's
-                    selection of the entries rank r moves)
+                    selection of the entries rank r moves, DP-ZOSO's stage starting point)
     state.json      step, the run's privacy context (private or not, dataset size and
                     fingerprint, delta, accountant), accountant history, sampler generator
                     state, noise seed (not in secure mode: a resumed secure run draws fresh

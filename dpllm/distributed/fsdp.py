@@ -2,10 +2,12 @@
 
     load    rank 0 loads the checkpoint, each tensor in its own memory; the other ranks build the
             same model on the meta device
-    shard   unit by unit (each decoder layer, untied input and output embeddings, then the root
+    shard   unit by unit (untied input and output embeddings, each decoder layer, then the root
             with what is left), rank 0 broadcasts the unit's tensors, every rank shards them and
             keeps its own shard, and the unit's full tensors are freed: rank 0's model shrinks
-            as the shards grow, the other ranks hold one full unit at a time
+            as the shards grow, the other ranks hold one full unit at a time. Untied embeddings
+            are row-sharded (dpllm.distributed.row_sharded: gathered in blocks, never whole);
+            the decoder layers and the root are FSDP2 units
     save    dpllm.distributed.saving streams the Hugging Face folder from the shards
 
 precision=bf16-mixed shards with FSDP2's MixedPrecisionPolicy: the fp32 shards (the master
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dpllm.distributed.env import DistEnv
+from dpllm.distributed.row_sharded import shard_rows
 
 
 def shard_from_rank0(model: nn.Module, env: DistEnv, device: torch.device, *, bf16_gather: bool = False) -> None:
@@ -29,24 +32,29 @@ def shard_from_rank0(model: nn.Module, env: DistEnv, device: torch.device, *, bf
     rank 0's weights. The caller must hold no reference to the full parameters (they are freed
     unit by unit). Buffers (unsharded; non-persistent ones such as rotary frequencies are in no
     checkpoint) are broadcast whole. ``bf16_gather``: precision=bf16-mixed's policy (above)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_gather else {}
     policy = MixedPrecisionPolicy(**bf16)
+    mesh = init_device_mesh(device.type, (env.world_size,))
     _broadcast_buffers(model, env, device)
-    for unit in [*_units(model), model]:
+    row_sharded = _untied_embeddings(model)
+    for module in row_sharded:
+        _materialise_from_rank0(module, env, device)
+        shard_rows(module, mesh, bf16=bf16_gather)
+    ignored = {m.weight for m in row_sharded}
+    for unit in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")] + [model]:
         _materialise_from_rank0(unit, env, device)
-        fully_shard(unit, mp_policy=policy)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=ignored if unit is model else None)
 
 
-def _units(model: nn.Module) -> list[nn.Module]:
-    """Each decoder layer; untied input and output embeddings too (each is gathered only while
-    it is used, not for the whole forward and backward as the root is)."""
-    units = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+def _untied_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and output head when they are plain, untied modules (a tied pair
+    stays in the root unit, gathered for the whole forward and backward)."""
     embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
-    if all(isinstance(m, nn.Module) for m in embeddings) and embeddings[0].weight is not embeddings[1].weight:
-        units += embeddings
-    return units
+    plain = type(embeddings[0]) is nn.Embedding and type(embeddings[1]) is nn.Linear and embeddings[1].bias is None
+    return embeddings if plain and embeddings[0].weight is not embeddings[1].weight else []
 
 
 def _materialise_from_rank0(unit: nn.Module, env: DistEnv, device: torch.device) -> None:

@@ -27,9 +27,9 @@ from dpllm.tasks.glue import GLUE
 
 ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 ALGORITHMS = ("dp_sgd", "dp_zo")
-# dp_zo keeps no gradients or optimizer state for ZeRO to partition; its replicated (ddp) and
-# sharded (fsdp) forms run under torchrun
-ZO_ENGINES = ("single", "ddp", "fsdp")
+# dp_zo keeps no gradients or optimizer state: ZeRO-3 partitions its weights, ZeRO-1/2 would have
+# nothing to partition (ddp replicates the weights as they would)
+ZO_ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 PRECISIONS = ("fp32", "bf16-mixed")
 CLIPPING_MODES = ("auto", "book_keeping", "two_pass")
 
@@ -106,8 +106,7 @@ class PrivacyConfig:
     accountant: str = "pld"
     # auto | book_keeping (one backward, each layer's per-sample factors kept to its end) |
     # two_pass (norms formed and dropped per layer, then a second backward forms the sums; what
-    # activation checkpointing needs; every engine but ZeRO-3). auto: two_pass with
-    # model.gradient_checkpointing where the engine allows it, else book_keeping
+    # activation checkpointing needs). auto: two_pass with model.gradient_checkpointing, else book_keeping
     clipping: str = "auto"
     # gaussian (DP-SGD) | lmo (LMO-DP: Laplace noise of random scale, the lmo section's law)
     mechanism: str = "gaussian"
@@ -320,14 +319,7 @@ class RunConfig:
         """The clipper's mode ``privacy.clipping`` resolves to for this model and engine."""
         if self.privacy.clipping != "auto":
             return self.privacy.clipping
-        return "two_pass" if self.model.gradient_checkpointing and self.runs_two_pass else "book_keeping"
-
-    @property
-    def runs_two_pass(self) -> bool:
-        """two_pass's second backward reuses the first's graph. FSDP2 gathers each unit again for it
-        (its pre-backward hooks fire on every backward, into the same storage); ZeRO-3 releases its
-        partitioned parameters after the first backward and does not fetch them again."""
-        return self.zero_stage != 3
+        return "two_pass" if self.model.gradient_checkpointing else "book_keeping"
 
     @property
     def clip_norm(self) -> str:
@@ -365,9 +357,9 @@ class RunConfig:
             )
             _require(self.privacy.enabled, "privacy.enabled", "dp_zo is the private zeroth-order step; it needs privacy.enabled")
             _require(
-                self.engine in ZO_ENGINES, "engine",
-                f"dp_zo runs on engines {', '.join(ZO_ENGINES)} (it keeps no gradients or optimizer state for ZeRO to "
-                "partition: launch it with torchrun --engine ddp or --engine fsdp)",
+                self.engine in ZO_ENGINES and self.zero_stage in (0, 3), "engine",
+                "dp_zo runs single, under torchrun (--engine ddp or fsdp) or DeepSpeed ZeRO-3: it keeps no gradients or "
+                "optimizer state for ZeRO-1/2 to partition (launch a replicated run with torchrun --engine ddp)",
             )
         _require(
             not self.denoise.enabled or self.privacy.enabled, "denoise.enabled", "needs privacy.enabled (there is no noise to remove)"
@@ -392,12 +384,6 @@ class RunConfig:
             not self.denoise.diagnostics or self.engine == "single",
             "denoise.diagnostics",
             "needs the whole clipped gradient in one process: run it with engine single",
-        )
-        _require(
-            not self.privacy.enabled or self.privacy.clipping != "two_pass" or self.runs_two_pass,
-            "privacy.clipping",
-            "two_pass does not run under DeepSpeed ZeRO-3 (its second backward reuses the graph, whose partitioned "
-            "weights ZeRO-3 releases after the first and does not fetch again); use book_keeping or auto, or ZeRO-2 or FSDP2",
         )
         _require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         if self.precision == "bf16-mixed":

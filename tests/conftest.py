@@ -47,6 +47,16 @@ def tiny_batch(vocab=96, lengths=(10, 7, 10, 4), prompt=3, seed=1):
     return collate(examples, pad_id=0)
 
 
+def save_untied_qwen2(path: Path, vocab: int = 512) -> Path:
+    """A tiny Qwen2 with untied input and output embeddings (row-sharded under FSDP2) and the
+    embedded model's tokenizer (512 ids: ``vocab`` must be at least that), saved at ``path``."""
+    from transformers import AutoTokenizer
+
+    tiny_model("qwen2", tied=False, vocab=vocab, hidden=64).save_pretrained(path)
+    AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "assets/models/stories260K").save_pretrained(path)
+    return path
+
+
 def save_tiny_bert(path: Path, sst2: Path, seed: int = 0, dropout: float = 0.0) -> Path:
     """A random 2-layer BERT classifier with a word-level vocabulary from SST-2 rows, saved at ``path``.
 

@@ -85,13 +85,17 @@ class PerSampleClipper:
         norm: str = "l2",
         verify_first_backward: bool = True,
         grad_sink: Callable[[str, Tensor | None], None] | None = None,
+        replay_backward_hooks: Callable[[], Callable[[], None]] | None = None,
     ) -> None:
         """``grad_sink``: called as ``grad_sink(name, clipped)`` for every parameter, in one fixed
         order, with the micro-batch's clipped sum (full shape, fp32; fp64 for fp64 models) or None
         where no sample reached it, instead of adding to ``p.grad``. The private step always passes
         one, so sums are never accumulated in a bf16/fp16 parameter dtype; the sharded step sends
         each sum to its owner as soon as it is formed (the fixed order keeps ranks' collectives
-        matched), so no rank holds a full-shape buffer per parameter."""
+        matched), so no rank holds a full-shape buffer per parameter. ``replay_backward_hooks``
+        (two_pass): called once the forward is done, it returns what to call before the second
+        backward so that an engine's per-module backward hooks fire again for it (ZeRO-3 counts
+        the backwards it expects from the forwards, see dpllm.distributed.zero3)."""
         if not 0 < max_grad_norm < math.inf:  # an infinite bound would release unclipped gradients
             raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
         if strategy not in STRATEGIES:
@@ -117,6 +121,7 @@ class PerSampleClipper:
         self.shapes: dict[str, torch.Size] = {}
         self._module_params: dict[nn.Module, dict[str, str]] = {}
         self.grad_sink = grad_sink
+        self._replay_backward_hooks = replay_backward_hooks
         self._handles = []
         self.last_dropped = 0
         self._attach(model)
@@ -260,8 +265,10 @@ class PerSampleClipper:
         dummies = [c.dummy for c in calls]
         # per-sample sums over parameters of squared L2 norms, or of L1 norms
         parts = torch.zeros(bsz, dtype=acc_dtype, device=device)
+        replay = None
         if two_pass:
             self._stream = _Stream(self._uses(calls), parts, self._norm_part)
+            replay = self._replay_backward_hooks() if self._replay_backward_hooks else None
         self._calls, self._collected, self._collecting = calls, {}, True
         try:
             if verify and not two_pass:
@@ -288,6 +295,8 @@ class PerSampleClipper:
         )
         self.last_dropped = int((~keep).sum())
         if two_pass:
+            if replay is not None:
+                replay()
             failed = self._second_pass(loss, calls, factors, keep, verify=verify and not self.last_dropped)
         elif self.last_dropped:
             groups = {p: [C.zero_samples(c, keep) for c in cs] for p, cs in groups.items()}

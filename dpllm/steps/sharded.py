@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from dpllm.denoise.gradient import DEFAULT_INCLUDE, GradBuffer, GradientDenoiser, select
 from dpllm.distributed.env import DistEnv
 from dpllm.distributed.ownership import assign_owners
+from dpllm.distributed.zero3 import backward_hook_replay
 from dpllm.steps.private import PrivateStep
 
 HANDOVERS = ("replicated", "deepspeed", "fsdp", "zero3")
@@ -66,6 +67,8 @@ class ShardedPrivateStep(PrivateStep):
         # The check against autograd accumulates gradients, which would fire the engines' own
         # gradient hooks: the trainer runs it on rank 0's model before the engine wraps it.
         kwargs["clipper_options"] = {**(kwargs.get("clipper_options") or {}), "verify_first_backward": False}
+        if handover == "zero3":  # two_pass's second backward must fetch the partitions again
+            kwargs["clipper_options"]["replay_backward_hooks"] = backward_hook_replay(model)
         super().__init__(model, optimizer, denoiser_options=None, **kwargs)
         self.env, self.handover = env, handover
         shapes = self.clipper.shapes

@@ -34,9 +34,10 @@ perturbed and updated. Both are public (neither reads training data): they chang
 sensitivity argument nor the accounting. Without either, the step is DPZero's.
 
 Distributed: every rank holds the same seeds and perturbs what it holds (the whole model when
-replicated, its FSDP2 shard when sharded: a shard's entries are drawn exactly as a whole copy's
-would be); only the K sums and a few statistics are all-reduced. With FSDP2 every rank runs the
-same number of forwards (the trainer pads short shares), as the parameter gathers need.
+replicated, its FSDP2 shard or ZeRO-3 partition when sharded: a shard's entries are drawn exactly
+as a whole copy's would be); only the K sums and a few statistics are all-reduced. With FSDP2 and
+ZeRO-3 every rank runs the same number of forwards (the trainer pads short shares), as the
+parameter gathers need.
 """
 
 from __future__ import annotations
@@ -182,29 +183,48 @@ def _draw_and_add(slot, job, alpha: float) -> None:
 def fresh_forwards(model: nn.Module) -> Callable[[], None]:
     """What to call after changing parameters in place so that the next forward sees them: FSDP2
     keeps its root unit's parameters gathered after a forward (for the backward it expects) and
-    would run the next forward on that stale copy; resharding it makes that forward gather again."""
+    would run the next forward on that stale copy; resharding it makes that forward gather again.
+    ZeRO-3 gathers from the partitions the step changes; a partition still gathered (kept for
+    reuse, or persistent) is released, so that the next forward gathers it again."""
     from torch.distributed.fsdp import FSDPModule
 
-    return model.reshard if isinstance(model, FSDPModule) else (lambda: None)
+    if isinstance(model, FSDPModule):
+        return model.reshard
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    if partitioned:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        def release() -> None:
+            gathered = [p for p in partitioned if p.ds_status == ZeroParamStatus.AVAILABLE]
+            if gathered:
+                gathered[0].partition(param_list=gathered, has_been_updated=False)
+
+        return release
+    return lambda: None
 
 
 def local_views(params: dict[str, nn.Parameter], env: DistEnv) -> list[tuple[str, Tensor, int, int]]:
     """(name, this rank's entries flattened, their offset in the whole parameter, its numel). An
-    FSDP2 parameter is a DTensor sharded on dim 0 in torch.chunk pieces; others are whole here."""
+    FSDP2 parameter is a DTensor sharded on dim 0 in torch.chunk pieces; a ZeRO-3 parameter keeps
+    piece r of its flattened entries (equal pieces, the last padded) in ``ds_tensor``; others are
+    whole here."""
     from torch.distributed.tensor import DTensor
 
     views = []
     for name, p in params.items():
-        data = p.detach()
-        offset = 0
-        if isinstance(data, DTensor):
+        data, offset, numel = p.detach(), 0, p.numel()
+        if hasattr(p, "ds_tensor"):
+            piece, numel = p.ds_tensor.numel(), p.ds_numel
+            offset = min(env.rank * piece, numel)
+            data = p.ds_tensor.detach().view(-1)[: min(piece, numel - offset)]
+        elif isinstance(data, DTensor):
             rows = math.ceil(p.shape[0] / env.world_size)
             offset = min(env.rank * rows, p.shape[0]) * (p.numel() // max(p.shape[0], 1))
             data = data.to_local()
         if not data.is_contiguous():
             raise ValueError(f"parameter {name} is not contiguous: the zeroth-order step perturbs parameters in place")
         if data.numel():
-            views.append((name, data.view(-1), offset, p.numel()))
+            views.append((name, data.view(-1), offset, numel))
     return views
 
 

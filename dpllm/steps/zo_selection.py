@@ -16,7 +16,7 @@ checkpoint keeps each rank's masks, as the step's ``rank_state``.
 Memory: a copy of the trainable entries (fp32 at least) while it runs (the weights are restored
 from it bit for bit; the score is formed in the parameters' own storage meanwhile, so in their dtype),
 then one boolean per entry (the masks). Every z is regenerated from its keyed stream, as in the
-step. Under FSDP2 each rank scores its own shard (every rank runs the same forwards) and the
+step. Under FSDP2 and ZeRO-3 each rank scores its own shard (every rank runs the same forwards) and the
 global threshold is found by bisection on the fp32 bit patterns, one all-reduce of a count per
 bisection step, so the masks a rank keeps are those one process would select.
 """
@@ -55,12 +55,13 @@ def _select(model: nn.Module, params: dict, env: DistEnv, fraction: float, queri
 
     regather = fresh_forwards(model)
 
-    def views():  # every change is followed by a forward: FSDP2's root must gather it again
+    def views():  # every change is followed by a forward: FSDP2's root (or ZeRO-3) must gather it again
         regather()
         return local_views(params, env)
 
-    # FSDP2's shards add up over ranks; a replicated model is whole on each
-    over_ranks = env.sum_floats if any(isinstance(p, DTensor) for p in params.values()) else list
+    # FSDP2's shards and ZeRO-3's partitions add up over ranks; a replicated model is whole on each
+    sharded = any(isinstance(p, DTensor) or hasattr(p, "ds_tensor") for p in params.values())
+    over_ranks = env.sum_floats if sharded else list
     probe = torch.ones((1, 1), dtype=torch.long, device=next(iter(params.values())).device)
 
     def f() -> float:

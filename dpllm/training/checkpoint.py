@@ -6,6 +6,7 @@ A checkpoint is a folder ``checkpoints/step_{N}`` holding everything the next st
     sharded/        model and optimizer state in torch.distributed.checkpoint form (one process,
                     torchrun ddp and FSDP2: each rank writes its own shards)
     optim_rank{r}.pt  DeepSpeed's ZeRO optimizer partition of rank r (fp32 master weights included)
+    partition_rank{r}.pt  rank r's ZeRO-3 weight partitions, for dp_zo (no optimizer holds them)
     rng_rank{r}.pt  rank r's torch generator states (CPU and CUDA), which draw dropout masks
     step_rank{r}.pt what the step kind keeps per rank in tensors, where it keeps any (DP-ZOPO's
                     selection of the entries rank r moves, DP-ZOSO's stage starting point)
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from dpllm.distributed.saving import save_streaming
+from dpllm.distributed.zero3 import load_partitions, partitions
 
 PARTIAL = ".partial"
 
@@ -109,7 +111,9 @@ def save(
     torch.save(_generator_states(), tmp / f"rng_rank{env.rank}.pt")
     if rank_state:
         torch.save(rank_state, tmp / f"step_rank{env.rank}.pt")
-    if engine == "deepspeed":
+    if engine == "deepspeed" and optimizer is None:  # dp_zo under ZeRO-3: the partitions are the state
+        torch.save(partitions(model), tmp / f"partition_rank{env.rank}.pt")
+    elif engine == "deepspeed":
         torch.save(optimizer.state_dict(), tmp / f"optim_rank{env.rank}.pt")
     else:
         import torch.distributed.checkpoint as dcp
@@ -161,15 +165,17 @@ def load(
             "reported after resuming would not describe the model. Resume a checkpoint of this run, or set "
             "privacy.accept_resume_mismatch=true to go on anyway (the summary and final/privacy.json record it)"
         )
-    if engine == "deepspeed":
+    if engine == "deepspeed" and optimizer is None:
+        load_partitions(model, torch.load(path / f"partition_rank{env.rank}.pt"))
+    elif engine == "deepspeed":
         if not partitioned:  # ZeRO-1/2 restore their fp32 master partitions, not the module's parameters
             _load_module_weights(model, path / "model")
         # ZeRO-1/2 may re-partition, so they read every rank's file; ZeRO-3 reads its own
-        partitions = [
+        optimizer_partitions = [
             torch.load(path / f"optim_rank{r}.pt", weights_only=False) if r == env.rank or not partitioned else None
             for r in range(env.world_size)
         ]
-        optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+        optimizer.load_state_dict(optimizer_partitions, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

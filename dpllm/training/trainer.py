@@ -440,6 +440,12 @@ def _build_step(config: RunConfig, env, model, optimizer, device, plan: PrivacyP
     if config.algorithm == "dp_zo":
         if config.engine == "fsdp":
             shard_from_rank0(model, env, device, bf16_gather=config.precision == "bf16-mixed")
+        elif config.engine == "deepspeed":  # ZeRO-3 (config validation): its forward hooks, no optimizer
+            import deepspeed
+
+            ds = _deepspeed_config(config)
+            partition_from_rank0(model, ds, env)
+            deepspeed.initialize(model=model, config=ds)
         zo = config.zo
         schedule = StageSchedule(
             lr=zo.lr, mu=zo.mu, stages=zo.stages, first_steps=zo.stage_steps, mu_end=zo.mu_end, regularization=zo.regularization
@@ -496,13 +502,18 @@ def _sharded_step(config: RunConfig, env, model, optimizer, device, common: dict
 
 
 def _deepspeed_config(config: RunConfig) -> dict:
-    """The DeepSpeed config file, with the batch settings the private step implies."""
+    """The DeepSpeed config file, with the batch settings the private step implies. dp_zo changes
+    the weights in place between forwards: no partition stays gathered after its module's forward
+    (none persistent, none kept for reuse), so each forward gathers what the step last wrote."""
     with open(config.deepspeed_config, encoding="utf-8") as f:
         ds = json.load(f)  # ZeRO stage 1, 2 or 3: checked with the config
     ds.pop("train_batch_size", None)
     ds["train_micro_batch_size_per_gpu"] = config.micro_batch_size
     ds["gradient_accumulation_steps"] = 1
-    ds.setdefault("zero_optimization", {})["overlap_comm"] = False
+    zero = ds.setdefault("zero_optimization", {})
+    zero["overlap_comm"] = False
+    if config.algorithm == "dp_zo":
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
     return ds
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpllm.training.metrics import read_logs
-from tests.conftest import save_tiny_bert
+from tests.conftest import save_tiny_bert, save_untied_qwen2
 from tests.launchers import BIN, RECIPE, REPO, TINY, command, env, finish, free_port, run, start
 
 
@@ -54,15 +54,10 @@ def test_two_processes_match_one(tmp_path, denoise):
 
 @pytest.mark.slow
 def test_untied_qwen2_on_two_processes_matches_one(tmp_path):
-    """Untied input and output embeddings are FSDP2 units of their own, and the partitioning
-    engines' rank 0 loads into memory of its own: the trained model is still one process's."""
-    from transformers import AutoTokenizer
-
-    from tests.conftest import tiny_model
-
-    folder = tmp_path / "qwen2"
-    tiny_model("qwen2", tied=False, vocab=512, hidden=64).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(REPO / "assets/models/stories260K").save_pretrained(folder)
+    """Untied input and output embeddings are row-sharded under FSDP2 (gathered in blocks), and
+    the partitioning engines' rank 0 loads into memory of its own: the trained model is still one
+    process's."""
+    folder = save_untied_qwen2(tmp_path / "qwen2")
     runs = {kind: _launch(kind, tmp_path / kind, [f"model.name_or_path={folder}"]) for kind in ("single", "fsdp", "zero3")}
     single = runs["single"]["params"]
     initial = load_file(folder / "model.safetensors")
@@ -98,11 +93,12 @@ def test_fsdp_trains_an_encoder_classifier_like_one_process(tmp_path):
 def test_unequal_and_empty_rank_shares_match_one_process(tmp_path):
     """Poisson batches split unevenly: ranks have different numbers of micro-batches (one rank none
     at all) and must still step together, on every engine, instead of hanging in a per-micro-batch
-    reduce (or a parameter gather of FSDP2 or ZeRO-3); FSDP2 with two_pass too, whose sums are
-    handed on in backward-completion order (a rank's padding micro-batch must keep that order)."""
+    reduce (or a parameter gather of FSDP2 or ZeRO-3); FSDP2 and ZeRO-3 with two_pass too, whose sums
+    are handed on in backward-completion order (a rank's padding micro-batch must keep that order)."""
     extra = ["batch_size=3", "micro_batch_size=1", "max_steps=6", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"]
     single = _launch("single", tmp_path / "single", extra)
-    for kind, mode in (("fsdp", "auto"), ("fsdp", "two_pass"), ("zero3", "auto"), ("deepspeed", "auto"), ("ddp", "auto")):
+    for kind, mode in (("fsdp", "auto"), ("fsdp", "two_pass"), ("zero3", "auto"), ("zero3", "two_pass"), ("deepspeed", "auto"),
+                       ("ddp", "auto")):
         run = _launch(kind, tmp_path / f"{kind}_{mode}", [*extra, f"privacy.clipping={mode}"])
         sizes = [r["batch_size"] for r in run["rows"] if "batch_size" in r]
         assert any(n % 2 for n in sizes) and any(n <= 1 for n in sizes), sizes  # unequal shares, and an empty one
@@ -114,14 +110,15 @@ def test_unequal_and_empty_rank_shares_match_one_process(tmp_path):
 def test_activation_checkpointing_gives_the_same_model_on_every_engine(tmp_path):
     """model.gradient_checkpointing=true (decoder layers recomputed in backward, parameters
     gathered again by FSDP2 and ZeRO-3 for it) trains, on one process and on two under every
-    engine, the model that one process trains without it; privacy.clipping=auto runs two_pass
-    where the engine allows it (all but ZeRO-3: FSDP2 gathers each unit again for the second
-    backward) and book_keeping under ZeRO-3."""
+    engine, the model that one process trains without it; privacy.clipping=auto runs two_pass on
+    every engine (FSDP2 gathers each unit again for the second backward; ZeRO-3 fetches its
+    partitions again once its backward counters are replayed), and book_keeping under ZeRO-3 too."""
     plain = _launch("single", tmp_path / "plain", [])
     assert plain["summary"]["clipping"] == "book_keeping"
-    for kind in ("single", "fsdp", "zero3", "deepspeed", "ddp"):
-        run = _launch(kind, tmp_path / kind, ["model.gradient_checkpointing=true"])
-        assert run["summary"]["clipping"] == ("book_keeping" if kind == "zero3" else "two_pass"), kind
+    for kind, mode in (("single", "auto"), ("fsdp", "auto"), ("zero3", "auto"), ("zero3", "book_keeping"), ("deepspeed", "auto"),
+                       ("ddp", "auto")):
+        run = _launch(kind, tmp_path / f"{kind}_{mode}", ["model.gradient_checkpointing=true", f"privacy.clipping={mode}"])
+        assert run["summary"]["clipping"] == ("two_pass" if mode == "auto" else mode), kind
         for name, value in plain["params"].items():
             torch.testing.assert_close(run["params"][name], value, rtol=0, atol=1e-5, msg=f"{kind}: {name}")
 
@@ -272,8 +269,9 @@ ZOSO_ZOPO = ["zo.stages=3", "zo.stage_steps=1", "zo.mu_end=1e-4", "zo.regulariza
 @pytest.mark.parametrize("variant", [[], ZOSO_ZOPO], ids=["dpzero", "zoso_zopo"])
 def test_zeroth_order_on_two_processes_matches_one(tmp_path, variant):
     """DP zeroth-order, 2 directions per step, Poisson shares unequal across ranks: replicated
-    (ddp) and sharded (FSDP2, each rank perturbing its own shard) runs end where one process ends;
-    with DP-ZOSO's stages and DP-ZOPO's selection too (each rank selecting within its shard)."""
+    (ddp) and sharded (FSDP2 and ZeRO-3, each rank perturbing its own shard or partition) runs end
+    where one process ends; with DP-ZOSO's stages and DP-ZOPO's selection too (each rank selecting
+    within its shard)."""
     extra = [
         "algorithm=dp_zo", "zo.directions=2", "zo.lr=0.01", "batch_size=3", "micro_batch_size=1", "max_steps=4",
         "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0", *variant,
@@ -285,7 +283,7 @@ def test_zeroth_order_on_two_processes_matches_one(tmp_path, variant):
         assert [r["zo_lr"] for r in single["rows"] if "zo_lr" in r] == [0.01, 0.005, 0.005, 0.0025]
         moved = sum(int((single["params"][n] != start[n]).sum()) for n in start)
         assert 0.29 < moved / sum(v.numel() for v in start.values()) <= 0.3
-    for kind in ("ddp", "fsdp"):
+    for kind in ("ddp", "fsdp", "zero3"):
         run = _launch(kind, tmp_path / kind, extra)
         assert run["summary"]["world_size"] == 2 and run["summary"]["epsilon"] == single["summary"]["epsilon"]
         sizes = [r["batch_size"] for r in run["rows"] if "batch_size" in r]

@@ -21,13 +21,14 @@ The formula printed at the end is the memory the implementation keeps per parame
 
 ``--lengths`` measures the sequence-length axis instead: for each T, micro-batches of 2 sequences
 of T tokens (E2E rows whose references are repeated past T, cut at ``data.max_length=T``; the
-same fixed noise seed throughout), AdamW, with and without ``model.gradient_checkpointing``
-(``privacy.clipping=auto``: two_pass where the engine runs it). Printed per T and world size:
+same fixed noise seed throughout), AdamW (or ``--optims``), with and without
+``model.gradient_checkpointing`` (``privacy.clipping=auto``: two_pass with it).
+Printed per T, world size and optimizer:
 model memory with and without, their ratio, the same for the training phase alone, and the
 largest difference between the two runs' final parameters.
 
 ``--fit MB --from lengths*.json`` runs nothing: from saved ``--lengths`` results it prints, per
-engine and world size, the largest T whose model memory stays within MB per rank, with and
+engine, world size and optimizer, the largest T whose model memory stays within MB per rank, with and
 without checkpointing. It extends the line through the two largest measured T: memory grows
 linearly in T once the activations (or checkpointing's recomputed layer) outgrow the fixed
 state, as long as attention keeps no T x T matrix (PyTorch's fused attention does not); past
@@ -37,6 +38,7 @@ the measured range it is an extrapolation, which the table says.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -52,7 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # Published configurations (Llama architecture), built with random weights: SmolLM (Hugging Face),
-# smol_llama-101M-GQA and smol_llama-220M-GQA (BEE-spoke-data; untied embeddings, vocabulary 32128)
+# smol_llama-101M-GQA and smol_llama-220M-GQA (BEE-spoke-data; untied embeddings, vocabulary 32128),
+# MobileLLM-125M (Meta; deep and thin: 30 layers of 576, tied embeddings, vocabulary 32000)
 MODELS = {
     "smol-llama-220m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=10, num_attention_heads=32,
                             num_key_value_heads=8, vocab_size=32128, tie_word_embeddings=False, rms_norm_eps=1e-6,
@@ -62,6 +65,8 @@ MODELS = {
                             max_position_embeddings=1024),
     "smollm-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
+    "mobilellm-125m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=2048),
     "smollm-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                         num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048),
     # not a published model: the tests run the whole script on it in seconds
@@ -223,7 +228,8 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=sorted(FORMULAS) + ["ddp", "single"], default=["fsdp", "zero3", "zero2"],
                         help="ddp and single (one process) only with --lengths")
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--optims", nargs="+", choices=["adamw", "sgd"], default=["adamw", "sgd"])
+    parser.add_argument("--optims", nargs="+", choices=["adamw", "sgd"], default=None,
+                        help="default: both for the per-rank table, AdamW for --lengths")
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench_memory")
     parser.add_argument("--results", type=Path, default=None, help="also write the rows to results.json in this folder")
     parser.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32",
@@ -239,9 +245,9 @@ def main() -> None:
         if not rows:
             parser.error("--fit needs --from with at least one lengths.json that has measured rows")
         _print_table(
-            ["engine", "processes", "measured T", f"largest T within {args.fit:g} MB: without checkpointing",
+            ["engine", "processes", "optimizer", "measured T", f"largest T within {args.fit:g} MB: without checkpointing",
              "with checkpointing"],
-            largest_lengths(rows, args.fit), ["engine", "world", "measured"], ["without", "with"],
+            largest_lengths(rows, args.fit), ["engine", "world", "optim", "measured"], ["without", "with"],
         )
         return
     from transformers import AutoConfig
@@ -257,7 +263,7 @@ def main() -> None:
         parser.error(f"--engines: the per-rank table measures {', '.join(sorted(FORMULAS))}")
     rows = []
     for engine in args.engines:
-        optims = args.optims if engine == "fsdp" else ["adamw"]  # ZeRO's partitions are the optimizer's
+        optims = (args.optims or ["adamw", "sgd"]) if engine == "fsdp" else ["adamw"]  # ZeRO's partitions are the optimizer's
         for optim in optims:
             base = {}
             for world in args.worlds:
@@ -313,37 +319,36 @@ def sequence_lengths(args, model: Path) -> None:
         data = long_rows(args.out / "data", length, model)
         common = (f"data.train_file={data}", f"data.max_length={length}", "batch_size=2", "micro_batch_size=2",
                   "seed=1", "privacy.noise_seed=1")
-        for engine in args.engines:
-            for world in args.worlds:
-                runs = {}
-                for flag in ("false", "true"):
-                    tag = f"T{length}_{engine}_w{world}_ckpt_{flag}"
-                    extra = (*common, f"model.gradient_checkpointing={flag}")
-                    big = launch(engine, world, model, "adamw", args.out / tag, extra)
-                    small = launch(engine, world, REPO / TINY_MODEL, "adamw", args.out / (tag + "_tiny"), extra)
-                    if "error" in big or "error" in small:
-                        runs = {"error": big.get("error") or small["error"]}
-                        break
-                    clipping = json.loads((args.out / tag / "run/summary.json").read_text())["clipping"]
-                    runs[flag] = {"model_mb": big["peak_mb"] - small["peak_mb"], "clipping": clipping,
-                                  "training_mb": big["training_mb"] - small["training_mb"],
-                                  "params": load_file(args.out / tag / "run/final/model.safetensors")}
-                if "error" in runs:
-                    row = {"T": length, "engine": engine, "world": world, "error": runs["error"]}
-                else:
-                    off, on = runs["false"], runs["true"]
-                    diff = float(f'{max(float((on["params"][k] - v).abs().max()) for k, v in off["params"].items()):.1e}')
-                    row = {"T": length, "engine": engine, "world": world, "without_mb": round(off["model_mb"]),
-                           "with_mb": round(on["model_mb"]), "ratio": round(on["model_mb"] / max(off["model_mb"], 1), 3),
-                           "training_without_mb": round(off["training_mb"]), "training_with_mb": round(on["training_mb"]),
-                           "training_ratio": round(on["training_mb"] / max(off["training_mb"], 1), 3),
-                           "clipping_with": on["clipping"], "max_param_diff": diff}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for engine, world, optim in itertools.product(args.engines, args.worlds, args.optims or ["adamw"]):
+            runs = {}
+            for flag in ("false", "true"):
+                tag = f"T{length}_{engine}_w{world}_{optim}_ckpt_{flag}"
+                extra = (*common, f"model.gradient_checkpointing={flag}")
+                big = launch(engine, world, model, optim, args.out / tag, extra)
+                small = launch(engine, world, REPO / TINY_MODEL, optim, args.out / (tag + "_tiny"), extra)
+                if "error" in big or "error" in small:
+                    runs = {"error": big.get("error") or small["error"]}
+                    break
+                clipping = json.loads((args.out / tag / "run/summary.json").read_text())["clipping"]
+                runs[flag] = {"model_mb": big["peak_mb"] - small["peak_mb"], "clipping": clipping,
+                              "training_mb": big["training_mb"] - small["training_mb"],
+                              "params": load_file(args.out / tag / "run/final/model.safetensors")}
+            if "error" in runs:
+                row = {"T": length, "engine": engine, "world": world, "optim": optim, "error": runs["error"]}
+            else:
+                off, on = runs["false"], runs["true"]
+                diff = float(f'{max(float((on["params"][k] - v).abs().max()) for k, v in off["params"].items()):.1e}')
+                row = {"T": length, "engine": engine, "world": world, "optim": optim, "without_mb": round(off["model_mb"]),
+                       "with_mb": round(on["model_mb"]), "ratio": round(on["model_mb"] / max(off["model_mb"], 1), 3),
+                       "training_without_mb": round(off["training_mb"]), "training_with_mb": round(on["training_mb"]),
+                       "training_ratio": round(on["training_mb"] / max(off["training_mb"], 1), 3),
+                       "clipping_with": on["clipping"], "max_param_diff": diff}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     _print_table(
-        ["T", "engine", "processes", "model memory without (MB)", "with checkpointing (MB)", "with / without",
+        ["T", "engine", "processes", "optimizer", "model memory without (MB)", "with checkpointing (MB)", "with / without",
          "training phase: without (MB)", "with (MB)", "with / without", "clipping with", "largest parameter difference"],
-        rows, ["T", "engine", "world"],
+        rows, ["T", "engine", "world", "optim"],
         ["without_mb", "with_mb", "ratio", "training_without_mb", "training_with_mb", "training_ratio", "clipping_with",
          "max_param_diff"],
     )
@@ -353,12 +358,17 @@ def sequence_lengths(args, model: Path) -> None:
 
 
 def largest_lengths(rows: list[dict], budget_mb: float) -> list[dict]:
-    """Per (engine, world): the largest T whose model memory is within ``budget_mb``, with and
-    without checkpointing, on the line through the two largest measured T (see the docstring)."""
+    """Per (engine, world, optimizer): the largest T whose model memory is within ``budget_mb``, with
+    and without checkpointing, on the line through the two largest measured T (see the docstring).
+    Rows without an optimizer are AdamW's (the axis measured only AdamW before)."""
     out = []
-    for engine, world in sorted({(r["engine"], r["world"]) for r in rows}):
-        points = sorted(((r["T"], r) for r in rows if (r["engine"], r["world"]) == (engine, world)), key=lambda point: point[0])
-        row = {"engine": engine, "world": world, "measured": ", ".join(str(t) for t, _ in points)}
+    def group_of(r: dict) -> tuple:
+        return r["engine"], r["world"], r.get("optim", "adamw")
+
+    for group in sorted({group_of(r) for r in rows}):
+        points = sorted(((r["T"], r) for r in rows if group_of(r) == group), key=lambda point: point[0])
+        engine, world, optim = group
+        row = {"engine": engine, "world": world, "optim": optim, "measured": ", ".join(str(t) for t, _ in points)}
         for key, column in (("without", "without_mb"), ("with", "with_mb")):
             if len(points) < 2:
                 row[key] = "needs two T"

@@ -28,7 +28,7 @@ model memory with and without, their ratio, the same for the training phase alon
 largest difference between the two runs' final parameters.
 
 ``--fit MB --from lengths*.json`` runs nothing: from saved ``--lengths`` results it prints, per
-engine, world size and optimizer, the largest T whose model memory stays within MB per rank, with and
+model, engine, world size and optimizer, the largest T whose model memory stays within MB per rank, with and
 without checkpointing. It extends the line through the two largest measured T: memory grows
 linearly in T once the activations (or checkpointing's recomputed layer) outgrow the fixed
 state, as long as attention keeps no T x T matrix (PyTorch's fused attention does not); past
@@ -241,13 +241,14 @@ def main() -> None:
     parser.add_argument("--from", dest="sources", nargs="+", type=Path, default=[], help="lengths.json files (with --fit)")
     args = parser.parse_args()
     if args.fit is not None:
-        rows = [r for path in args.sources for r in json.loads(path.read_text())["rows"] if "error" not in r]
+        saved = [json.loads(path.read_text()) for path in args.sources]
+        rows = [{**r, "model": data["model"]} for data in saved for r in data["rows"] if "error" not in r]
         if not rows:
             parser.error("--fit needs --from with at least one lengths.json that has measured rows")
         _print_table(
-            ["engine", "processes", "optimizer", "measured T", f"largest T within {args.fit:g} MB: without checkpointing",
-             "with checkpointing"],
-            largest_lengths(rows, args.fit), ["engine", "world", "optim", "measured"], ["without", "with"],
+            ["model", "engine", "processes", "optimizer", "measured T",
+             f"largest T within {args.fit:g} MB: without checkpointing", "with checkpointing"],
+            largest_lengths(rows, args.fit), ["model", "engine", "world", "optim", "measured"], ["without", "with"],
         )
         return
     from transformers import AutoConfig
@@ -358,17 +359,19 @@ def sequence_lengths(args, model: Path) -> None:
 
 
 def largest_lengths(rows: list[dict], budget_mb: float) -> list[dict]:
-    """Per (engine, world, optimizer): the largest T whose model memory is within ``budget_mb``, with
-    and without checkpointing, on the line through the two largest measured T (see the docstring).
-    Rows without an optimizer are AdamW's (the axis measured only AdamW before)."""
+    """Per (model, engine, world, optimizer): the largest T whose model memory is within
+    ``budget_mb``, with and without checkpointing, on the line through the two largest measured T
+    (see the docstring). Rows without an optimizer are AdamW's (the axis measured only AdamW before)."""
     out = []
+
     def group_of(r: dict) -> tuple:
-        return r["engine"], r["world"], r.get("optim", "adamw")
+        return r.get("model", ""), r["engine"], r["world"], r.get("optim", "adamw")
 
     for group in sorted({group_of(r) for r in rows}):
         points = sorted(((r["T"], r) for r in rows if group_of(r) == group), key=lambda point: point[0])
-        engine, world, optim = group
-        row = {"engine": engine, "world": world, "optim": optim, "measured": ", ".join(str(t) for t, _ in points)}
+        model, engine, world, optim = group
+        row = {"model": model, "engine": engine, "world": world, "optim": optim,
+               "measured": ", ".join(str(t) for t, _ in points)}
         for key, column in (("without", "without_mb"), ("with", "with_mb")):
             if len(points) < 2:
                 row[key] = "needs two T"

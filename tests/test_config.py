@@ -131,7 +131,7 @@ def test_under_deepspeed_its_config_decides_the_precision(precision):
     assert load_config(recipe, [f"precision={precision}"]).run_precision == precision
 
 
-def test_clipping_mode_resolves_from_checkpointing_and_engine_and_is_refused_where_it_cannot_be_exact():
+def test_clipping_mode_resolves_from_checkpointing_on_every_engine_and_refuses_unknown_modes():
     recipe = REPO / "recipes/e2e/tiny_cpu.yaml"
     assert load_config(recipe, []).clipping_mode == "book_keeping"
     assert load_config(recipe, ["model.gradient_checkpointing=true"]).clipping_mode == "two_pass"

@@ -34,8 +34,8 @@ BLOCK_ELEMENTS = 2**22  # gathered per block: 16 MB in fp32
 class _Blocks:
     """The gather plan of one (V, H) matrix over ``world`` ranks."""
 
-    def __init__(self, weight, world: int, rank: int, bf16: bool) -> None:
-        self.weight, self.world, self.rank, self.bf16 = weight, world, rank, bf16
+    def __init__(self, weight, world: int, bf16: bool) -> None:
+        self.weight, self.world, self.bf16 = weight, world, bf16
         self.vocab, self.hidden = weight.shape
         self.rows = math.ceil(self.vocab / world)  # S: the rows of a full piece
         self.block = max(1, min(self.rows, BLOCK_ELEMENTS // max(1, world * self.hidden)))
@@ -56,7 +56,7 @@ class _Blocks:
         if have:
             mine[:have] = local[start : start + have]
         out = torch.empty((self.world * n, self.hidden), dtype=dtype, device=local.device)
-        dist.all_gather_into_tensor(out, mine)
+        dist.all_gather_single(out, mine)
         return out
 
 
@@ -150,5 +150,5 @@ def shard_rows(module: nn.Module, mesh, bf16: bool = False) -> None:
     local = full.detach()[min(rank * rows, full.shape[0]) : min((rank + 1) * rows, full.shape[0])].clone()
     piece = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
     module.weight = nn.Parameter(piece, requires_grad=full.requires_grad)
-    module._row_sharding = (world, rank, bf16)
+    module._row_sharding = (world, bf16)
     module.__class__ = cls

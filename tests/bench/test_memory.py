@@ -57,14 +57,16 @@ def test_largest_length_follows_the_line_through_the_two_largest_measured_t():
         {"T": 1024, "engine": "single", "world": 1, "without_mb": 1940, "with_mb": 1695},
         {"T": 1024, "engine": "single", "world": 1, "optim": "sgd", "without_mb": 1100, "with_mb": 900},
         {"T": 4096, "engine": "single", "world": 1, "optim": "sgd", "without_mb": 3100, "with_mb": 1900},
+        {"T": 8192, "engine": "single", "world": 1, "optim": "sgd", "model": "other", "without_mb": 9000, "with_mb": 9000},
     ]
-    (fsdp, single, single_sgd) = largest_lengths(rows, 3000)
-    # rows without an optimizer are AdamW's; SGD's rows make a line of their own:
+    (fsdp, single, single_sgd, other) = largest_lengths(rows, 3000)
+    assert (other["model"], other["measured"]) == ("other", "8192")  # another model's rows make no line with these
+    # rows without an optimizer are AdamW's; SGD's rows make a line of their own (another model's apart):
     # without 4096 + (3000 - 3100) / (2000 / 3072) = 3942.4; with 4096 + 1100 / (1000 / 3072) = 7475.2
     assert (single["optim"], single_sgd["optim"]) == ("adamw", "sgd")
     assert (single_sgd["without"], single_sgd["with"]) == ("3942", "7475 (extrapolated)")
     # by hand, rounded down: without 4096 + (3000 - 3782) / (2407 / 3072) = 3097.95; with 4096 + 839 / (1150 / 3072) = 6337.2
     assert (fsdp["measured"], fsdp["without"], fsdp["with"]) == ("256, 1024, 4096", "3097", "6337 (extrapolated)")
     assert single["with"] == "needs two T"
-    (fsdp, _, _) = largest_lengths(rows, 1000)
+    (fsdp, _, _, _) = largest_lengths(rows, 1000)
     assert fsdp["without"] == "below the measured range"

@@ -44,7 +44,6 @@ import math
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -186,10 +185,10 @@ def long_rows(folder: Path, length: int, tokenizer_folder: Path) -> Path:
 
 
 def _free_port() -> int:
-    """A port no other run on this machine listens on now (two benchmarks may run at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no other run on this machine holds now (two benchmarks may run at once)."""
+    from dpllm.distributed.local import free_port
+
+    return free_port()
 
 
 def launch(engine: str, world: int, model: Path, optim: str, out: Path, extra: tuple[str, ...] = ()) -> dict:

@@ -1,12 +1,13 @@
 """The README's launch commands, as subprocess argument lists for tests (CPU, gloo, 2 processes)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
+
+from dpllm.distributed import local
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,9 +29,7 @@ TINY = [
 
 
 def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return str(local.free_port())
 
 
 def command(kind: str, args: list[str], script: str = "launch/e2e.py", processes: int = 2) -> list[str]:

@@ -1,6 +1,8 @@
 """Several gloo processes on this machine, for tests and benchmarks of the distributed step."""
 
 import os
+import random
+import socket
 import tempfile
 
 import torch
@@ -23,3 +25,21 @@ def _worker(rank, world_size, tmp, fn, args):
         torch.save(fn(DistEnv(rank, world_size), *args), os.path.join(tmp, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A port for a launcher's rendezvous that no process on this machine holds now, taken below
+    the kernel's ephemeral range (32768 and up on Linux): a port the kernel picked could be handed
+    out again as the local end of another run's connection before the launcher binds it, which
+    happens when tests or benchmarks launch in parallel. Each pytest-xdist worker draws from a
+    range of its own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    low = 20000 + 1000 * (int(worker) % 12 if worker.isdigit() else 0)
+    for port in random.sample(range(low, low + 1000), 1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {low + 1000})")
